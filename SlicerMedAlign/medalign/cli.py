@@ -1,0 +1,52 @@
+"""``medalign`` command line: a thin dispatcher over ``medalign.commands``.
+
+A ``MedAlignError`` becomes one line on stderr and exit code 2; nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .commands import COMMAND_MODULES
+from .errors import MedAlignError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medalign",
+        description="Zero-shot CT abnormality screening with local alignment maps.",
+    )
+    parser.add_argument("--version", action="version", version=f"medalign {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"medalign.commands.{name}")
+        except ModuleNotFoundError as exc:  # a command still being written must not break the rest
+            if exc.name == f"medalign.commands.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except MedAlignError as exc:
+        print(f"medalign: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medalign: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Model families and the one entry point that builds a ready-to-screen model.
+
+``load(name, weights=PATH, text_encoder=PATH_OR_NONE)`` is the parity surface shared by
+the demo model, BrgSA and CT-CLIP.  Families are imported lazily so that ``medalign
+models list`` stays fast and a broken optional family never blocks the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .base import ImageFeatures, ScreeningModel
+
+# family name -> "module:function"; each function is
+# f(weights: Path, text_encoder: str | Path | None, device: str) -> ScreeningModel
+FAMILY_LOADERS: dict[str, str] = {
+    "medalign": "medalign.models.medalign_model:load_checkpoint",
+    "brgsa": "medalign.models.brgsa:load_brgsa",
+    "ct-clip": "medalign.models.ctclip:load_ctclip",
+}
+
+
+def family_loader(family: str):
+    try:
+        target = FAMILY_LOADERS[family]
+    except KeyError:
+        known = ", ".join(sorted(FAMILY_LOADERS))
+        from ..errors import CheckpointError
+
+        raise CheckpointError(f"Unknown model family '{family}' (known: {known}).") from None
+    module_name, func = target.split(":")
+    return getattr(importlib.import_module(module_name), func)
+
+
+def load(
+    name: str,
+    weights: str | Path | None = None,
+    text_encoder: str | Path | None = None,
+    device: str = "cpu",
+) -> ScreeningModel:
+    """Build registry model ``name`` (or family ``name``) with verified weights, in eval mode."""
+    from .. import registry
+
+    entry = registry.get(name)
+    weights_path = Path(weights) if weights is not None else registry.resolve_weights(entry)
+    text_encoder = text_encoder if text_encoder is not None else entry.text_encoder
+    model = family_loader(entry.family)(weights_path, text_encoder, device)
+    return model.eval()
+
+
+__all__ = ["ImageFeatures", "ScreeningModel", "FAMILY_LOADERS", "family_loader", "load"]

@@ -1,0 +1,54 @@
+"""Preprocessing profiles: how each model family wants a CT presented to it.
+
+A profile is plain data; ``medalign.preprocess.prepare`` turns a ``Volume`` into the
+model's input tensor with it and remembers the model-grid -> RAS mapping.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+
+
+@dataclass(frozen=True)
+class PreprocessProfile:
+    """One model family's input convention.
+
+    Axes ``x, y, z`` are the model grid's axes after reorientation to ``axcodes``
+    (MONAI/nibabel codes: "LPS" means x points Left, y Posterior, z Superior, which
+    is the voxel order of a typical axial CT file). The tensor handed to the model is
+    ``(B, 1, X, Y, Z)``.
+    """
+
+    name: str
+    spacing: tuple[float, float, float]  # mm along x, y, z of the model grid
+    size: tuple[int, int, int]  # X, Y, Z voxels after centre crop/pad
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    out_range: tuple[float, float] = (-1.0, 1.0)  # HU window maps linearly onto this
+    pad_hu: float = -1024.0  # value (in HU) of voxels added by padding
+    mean: float | None = None  # optional normalisation after scaling: (x - mean) / std
+    std: float | None = None
+    axcodes: str = "LPS"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessProfile":
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return cls(**fields)
+
+
+# The demo model: coarse enough to train on a 2-core CPU, fine enough for 1 cm lesions.
+DEMO = PreprocessProfile(name="medalign-demo", spacing=(4.0, 4.0, 5.0), size=(96, 96, 64))
+
+# BrgSA (public code): 1.5 x 1.5 x 3 mm, 256 x 256 x 128, pad -1024, clamp [-1000, 1000],
+# scale to [-1, 1], then normalise with mean 0.4978, std 0.2449.
+BRGSA = PreprocessProfile(
+    name="brgsa", spacing=(1.5, 1.5, 3.0), size=(256, 256, 128), pad_hu=-1024.0, mean=0.4978, std=0.2449
+)
+
+# CT-CLIP (public code): clip [-1000, 1000], 0.75 x 0.75 x 1.5 mm, divide by 1000,
+# centre crop/pad to 480 x 480 x 240 with -1 (i.e. -1000 HU).
+CTCLIP = PreprocessProfile(name="ct-clip", spacing=(0.75, 0.75, 1.5), size=(480, 480, 240), pad_hu=-1000.0)
+
+PROFILES = {p.name: p for p in (DEMO, BRGSA, CTCLIP)}

@@ -53,6 +53,10 @@ class ScreeningModel(nn.Module, ABC):
         """Prompts -> {"input_ids", "attention_mask"} on the model's device."""
 
     # --- screening surface ---
+    def input_from_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Engine grid tensor (B, 1, X, Y, Z) in ``profile.axcodes`` -> the model's native layout."""
+        return x
+
     @abstractmethod
     def image_features(self, x: torch.Tensor) -> ImageFeatures:
         """Encode the image once: global latent and per-token latents."""

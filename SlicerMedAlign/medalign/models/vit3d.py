@@ -23,6 +23,7 @@ class ViT3DConfig:
     base_size: tuple[int, int, int] = (224, 224, 112)  # input size the position table was made for
     block_eps: float = 1e-6
     final_eps: float = 1e-5
+    in_channels: int = 1  # >1 when a convolutional stem feeds the patch embedding
 
     @property
     def base_grid(self) -> tuple[int, int, int]:
@@ -75,9 +76,9 @@ class Block(nn.Module):
 
 
 class PatchEmbed3D(nn.Module):
-    def __init__(self, width: int, patch_size: tuple[int, int, int]) -> None:
+    def __init__(self, width: int, patch_size: tuple[int, int, int], in_channels: int = 1) -> None:
         super().__init__()
-        self.proj = nn.Conv3d(1, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = nn.Conv3d(in_channels, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)  # (B, C, X', Y', Z')
@@ -107,7 +108,7 @@ class ViT3D(nn.Module):
     def __init__(self, cfg: ViT3DConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed3D(cfg.width, cfg.patch_size)
+        self.patch_embed = PatchEmbed3D(cfg.width, cfg.patch_size, cfg.in_channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         n = 1
         for g in cfg.base_grid:

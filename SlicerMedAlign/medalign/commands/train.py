@@ -1,0 +1,41 @@
+"""``medalign train``: train a MedAlign model on a cohort of CT volumes with reports."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on CT volumes + reports (phantoms or your own cohort)",
+        description="Contrastive image-report training with BrgSA's knowledge-bank losses and finding prompts. "
+        "Several GPUs or machines: torchrun --nproc_per_node=N -m medalign.cli train ...",
+    )
+    p.add_argument("--data", required=True, type=Path, help="cohort folder: volumes/, reports.csv, optional labels.csv")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint to write (.safetensors)")
+    p.add_argument("--val-data", type=Path, default=None, help="held-out cohort: picks per-finding thresholds and reports metrics")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--cache", type=Path, default=None, help="folder for preprocessed tensors (reused across runs)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint and its state exist")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train import TrainConfig, calibrate, train
+
+    cfg = TrainConfig(
+        data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        device=args.device, cache=args.cache, resume=not args.no_resume, val_data=args.val_data,
+    )
+    path = train(cfg)
+    print(f"checkpoint: {path}")
+    if args.val_data is not None:
+        thresholds = calibrate(path, args.val_data, device=args.device)
+        print(f"per-finding thresholds from {args.val_data}: " + ", ".join(f"{k} {v:.2f}" for k, v in thresholds.items()))
+    return 0

@@ -1,0 +1,38 @@
+"""Small builders shared by the engine tests (synthetic CTs, tiny checkpoints)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medalign.volume import Volume
+
+
+def synthetic_ct(shape_kji=(40, 64, 64), spacing=(5.0, 5.0, 6.0), seed: int = 0, blob_ras=None) -> Volume:
+    """A body-like CT: air outside, soft tissue ellipse, two lungs, optional dense blob."""
+    rng = np.random.default_rng(seed)
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape_kji], indexing="ij")
+    arr = np.full(shape_kji, -1000, dtype=np.float32)
+    cj, ci = shape_kji[1] / 2, shape_kji[2] / 2
+    body = ((i - ci) / (0.45 * shape_kji[2])) ** 2 + ((j - cj) / (0.35 * shape_kji[1])) ** 2 < 1
+    arr[body] = 40
+    for side in (-1, 1):
+        lung = ((i - ci - side * 0.2 * shape_kji[2]) / (0.14 * shape_kji[2])) ** 2 + ((j - cj) / (0.22 * shape_kji[1])) ** 2 < 1
+        arr[lung] = -850
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [160.0, 160.0, -100.0]
+    vol = Volume(arr, affine, {"path": "synthetic"})
+    if blob_ras is not None:
+        c = vol.ras_to_ijk_points(np.asarray(blob_ras)[None])[0]
+        d2 = (i - c[0]) ** 2 + (j - c[1]) ** 2 + (k - c[2]) ** 2
+        arr[d2 < 4] = 300
+    arr += rng.normal(0, 10, shape_kji).astype(np.float32)
+    vol.array = np.round(arr).astype(np.int16)
+    return vol
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    from medalign.models.medalign_model import save_checkpoint, tiny_test_model
+
+    return save_checkpoint(tiny_test_model(seed), path, extra={"thresholds": {"Lung nodule": 0.4}})

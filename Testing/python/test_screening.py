@@ -1,0 +1,118 @@
+"""Screening engine on a tiny deterministic model: shapes, geometry, safety properties."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import synthetic_ct
+from medalign.errors import CancelledError
+from medalign.models.medalign_model import tiny_test_model
+from medalign.results import ScreeningResult
+from medalign.screening import Screener, hotspot_of, parse_findings, screen
+from medalign.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_test_model(seed=0)
+
+
+def test_parse_findings_expands_groups_and_dedups():
+    from medalign.knowledge import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
+
+    assert parse_findings(None) == CT_RATE_FINDINGS
+    names = parse_findings("Lung nodule; lung nodule;ct-rate-lt;a tiny free-text thing")
+    assert names[0] == "Lung nodule" and names.count("Lung nodule") == 1
+    assert names[1:16] == CT_RATE_LT_FINDINGS and names[-1] == "a tiny free-text thing"
+
+
+def test_image_is_encoded_once_for_all_findings(model, monkeypatch):
+    calls = []
+    original = model.image_features
+    monkeypatch.setattr(model, "image_features", lambda x: calls.append(1) or original(x))
+    result = screen(synthetic_ct(), findings="ct-rate", model=model, device="cpu")
+    assert len(calls) == 1
+    assert len(result.findings) == 18
+
+
+def test_result_values_and_map_geometry(model):
+    volume = synthetic_ct()
+    before = volume.array.copy()
+    result = screen(volume, findings=["Lung nodule", "Pleural effusion", "a spiculated mass"], model=model, device="cpu")
+    assert np.array_equal(volume.array, before)  # input never modified
+    lo, hi = volume.ras_bounds()
+    for f in result.findings:
+        assert 0.0 <= f.probability <= 1.0 and 0.0 <= f.uncertainty <= 0.5
+        assert isinstance(f.map, Volume) and f.map.array.dtype == np.float32
+        mlo, mhi = f.map.ras_bounds()
+        assert np.all(mlo >= lo - 1e-3) and np.all(mhi <= hi + 1e-3)
+        # map axes point the same way as the input's
+        cos = np.sum(f.map.ijk_to_ras[:3, :3] * volume.ijk_to_ras[:3, :3], axis=0)
+        assert np.all(cos > 0)
+        assert f.hotspot is not None and np.all(np.asarray(f.hotspot.ras) >= lo - 1e-3)
+        assert np.all(np.asarray(f.hotspot.ras) <= hi + 1e-3)
+    # softmax over the pair: the score and the probability agree in sign
+    for f in result.findings:
+        assert (f.score > 0) == (f.probability > 0.5)
+
+
+def test_probability_is_softmax_of_ensembled_pair(model):
+    import torch
+
+    scr = Screener(model=model, findings=["Cardiomegaly"], device="cpu")
+    volume = synthetic_ct()
+    result = scr(volume, with_maps=False)
+    from medalign.preprocess import prepare
+
+    prepared = prepare(volume, model.profile)
+    with torch.no_grad():
+        feats = model.image_features(prepared.tensor)
+        logits = model.logits(feats, scr.prompts[0].ensemble)[0]
+    assert result.findings[0].probability == pytest.approx(float(torch.softmax(logits, 0)[0]), abs=1e-5)
+
+
+def test_cancel_raises_and_returns_nothing(model):
+    seen = []
+
+    def cancel():
+        seen.append(1)
+        return len(seen) > 2
+
+    with pytest.raises(CancelledError):
+        screen(synthetic_ct(), findings=["Lung nodule"], model=model, device="cpu", cancel=cancel)
+
+
+def test_progress_is_monotonic_and_complete(model):
+    fractions = []
+    screen(synthetic_ct(), findings=["Lung nodule", "Emphysema"], model=model, device="cpu",
+           progress=lambda f, m: fractions.append(f))
+    assert fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+
+
+def test_hotspot_of_known_map():
+    arr = np.zeros((10, 10, 10), np.float32)
+    arr[4:7, 4:7, 4:7] = 1.0
+    arr[5, 5, 6] = 2.0
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    h = hotspot_of(Volume(arr, affine))
+    assert h.ras == pytest.approx((12.0, 10.0, 15.0))
+    assert h.value == 2.0 and h.threshold == 1.0
+    assert h.extent_mm3 == pytest.approx(27 * 2 * 2 * 3)
+
+
+def test_results_write_read_round_trip(model, tmp_path):
+    result = screen(synthetic_ct(), findings=["Lung nodule", "Atelectasis"], model=model, device="cpu")
+    out = result.write(tmp_path / "res")
+    data = json.loads((out / "results.json").read_text())
+    assert [f["name"] for f in data["findings"]] == [f.name for f in result.ranked()]
+    assert (out / "results.csv").read_text().splitlines()[0].startswith("finding,probability,uncertainty")
+    back = ScreeningResult.read(out)
+    for a, b in zip(result.ranked(), back.findings):
+        assert a.name == b.name and a.probability == pytest.approx(b.probability, abs=1e-6)
+        np.testing.assert_allclose(a.map.ijk_to_ras, b.map.ijk_to_ras, atol=1e-4)
+        np.testing.assert_allclose(a.map.array, b.map.array, atol=1e-5)
+    assert not list(out.rglob("*.tmp*"))

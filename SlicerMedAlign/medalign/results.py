@@ -54,6 +54,7 @@ class FindingResult:
     map: Volume | None = None
     hotspot: Hotspot | None = None
     knowledge: dict[str, Any] = field(default_factory=dict)
+    published_score: float | None = None  # the family's own score where it has one (BrgSA)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -67,6 +68,8 @@ class FindingResult:
         }
         if self.knowledge:
             d["knowledge"] = self.knowledge
+        if self.published_score is not None:
+            d["published_score"] = round(float(self.published_score), 6)
         return d
 
 
@@ -158,6 +161,7 @@ class ScreeningResult:
             if vol is not None and vol.array.dtype != np.float32:
                 vol.array = vol.array.astype(np.float32)
             findings.append(FindingResult(
-                d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"], vol, hotspot, d.get("knowledge", {})
+                d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"], vol, hotspot,
+                d.get("knowledge", {}), d.get("published_score"),
             ))
         return cls(data["input"], data["model"], data["device"], findings, data.get("elapsed_s", 0.0), data.get("disclaimer", ""))

@@ -119,7 +119,7 @@ class Screener:
     def _prompt_latents(self) -> list[PromptLatents]:
         from .knowledge import build_prompts
 
-        use_kb = getattr(self.model, "use_knowledge_prompts", True)
+        use_kb = self.model.use_knowledge_prompts
         sets = [build_prompts(f, self.model.prompt_templates, use_knowledge=use_kb) for f in self.findings]
         texts = [t for s in sets for t in (*s.positive, *s.negative)]
         latents = self.model.text_latents(texts).float()
@@ -210,6 +210,7 @@ class Screener:
                 map_volume = token_map_to_volume(token_map, prepared, self.model.token_layout()[0], reference=volume)
                 map_volume.metadata.update({"finding": p.finding, "model": self.model_name})
                 hotspot = hotspot_of(map_volume)
+            published = self.model.published_score(feats, p.positive[:1].to(dev))
             kb = find(p.finding)
             knowledge = {"definition": kb.definition} if kb is not None else {}
             results.append(FindingResult(
@@ -221,6 +222,7 @@ class Screener:
                 map=map_volume,
                 hotspot=hotspot,
                 knowledge=knowledge,
+                published_score=None if published is None else float(published[0, 0]),
             ))
         return results
 

@@ -282,8 +282,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         sched.step()
         with torch.no_grad():
             model.log_scale.clamp_(0.0, math.log(100.0))
-        history.append(float(loss))
-        bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}", find=f"{float(loss_find):.3f}")
+        history.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{np.mean(history[-20:]):.3f}", find=f"{float(loss_find.detach()):.3f}")
         if rank == 0 and ((step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps):
             _save(model, opt, sched, gen, step + 1, cfg, findings, history, time.time() - t0)
     bar.close()
@@ -299,7 +299,8 @@ def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[st
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "data": str(cfg.data),
-        "final_loss": float(np.mean(history[-50:])) if history else None,
+        "initial_loss": float(np.mean(history[:20])) if history else None,
+        "final_loss": float(np.mean(history[-20:])) if history else None,
         "train_seconds": round(seconds, 1),
     }
     save_checkpoint(model, cfg.out, extra=extra)

@@ -36,6 +36,9 @@ class ScreeningModel(nn.Module, ABC):
     """
 
     family: str = ""
+    # True: prompts = family templates x knowledge-base synonyms/negations, averaged.
+    # False: exactly the family's own wording (published zero-shot protocol).
+    use_knowledge_prompts: bool = True
     profile: PreprocessProfile
     prompt_templates: dict[str, list[str]]
 
@@ -76,6 +79,11 @@ class ScreeningModel(nn.Module, ABC):
         Larger means the token matches the text better; the map of a finding is the
         positive prompt's token logits minus the negative prompt's.
         """
+
+    def published_score(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor | None:
+        """(B, N) the score a family's own paper reports, when it differs from the
+        pos/neg probability (BrgSA's bridged cosine); None when there is none."""
+        return None
 
     def token_layout(self) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
         """(patch size in model voxels along x, y, z; offset of token 0's centre in voxels).

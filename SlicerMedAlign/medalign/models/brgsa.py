@@ -300,6 +300,7 @@ class BrgSAModel(ScreeningModel):
     family = "brgsa"
     profile = BRGSA
     prompt_templates = {"positive": ["There is {finding}"], "negative": ["There is no {finding}"]}
+    use_knowledge_prompts = False  # BrgSA's published protocol: one prompt per finding
 
     def __init__(self, cfg: BrgSAConfig, tokenizer: Any = None) -> None:
         super().__init__()
@@ -447,6 +448,9 @@ class BrgSAModel(ScreeningModel):
         """(B, N) the published zero-shot score (cos(v, t) + cos(v_hat, t)) / 2."""
         sim_global, sim_rec = self.brgsa_similarities(feats, text)
         return (sim_global + sim_rec) / 2
+
+    def published_score(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
+        return self.brgsa_scores(feats, text)
 
     def logits(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
         """``logit_scale`` (BrgSA's temp3 = 10) times the published score, for a pos/neg softmax."""

@@ -80,6 +80,8 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     # Work relative to the pad value, so that the single fused resample below, which
     # fills everything outside the input with 0, fills it with exactly pad_hu.
     data.sub_(pad_hu)
+    if profile.antialias:
+        data = _antialias(data, volume, profile)
     image = MetaTensor(data, affine=torch.as_tensor(volume.ijk_to_ras, dtype=torch.float64))
     del data
 
@@ -105,6 +107,25 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     return PreparedImage(
         tensor=tensor, grid_to_ras=grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk)
     )
+
+
+def _antialias(data: torch.Tensor, volume: Volume, profile: PreprocessProfile) -> torch.Tensor:
+    """Gaussian low-pass (sigma = half the downsampling factor - 1, in voxels) per source axis."""
+    direction = volume.ijk_to_ras[:3, :3] / np.asarray(volume.spacing)
+    sigmas = []
+    for axis, spacing in enumerate(volume.spacing):
+        target = profile.spacing[int(np.argmax(np.abs(direction[:, axis])))]  # RAS axis this voxel axis follows
+        sigmas.append(max(0.0, 0.5 * (target / spacing - 1.0)))
+    if max(sigmas) < 0.25:
+        return data
+    if data.device.type == "cpu":  # scipy filters float32 in place, ~10x faster than a conv here
+        from scipy import ndimage
+
+        ndimage.gaussian_filter(data[0].numpy(), sigmas, output=data[0].numpy(), truncate=3.0)
+        return data
+    from monai.networks.layers import GaussianFilter
+
+    return GaussianFilter(3, sigma=sigmas, truncated=3.0).to(data.device)(data[None])[0]
 
 
 def grid_to_ras_points(prepared: PreparedImage, xyz: np.ndarray) -> np.ndarray:

@@ -28,6 +28,9 @@ class PreprocessProfile:
     mean: float | None = None  # optional normalisation after scaling: (x - mean) / std
     std: float | None = None
     axcodes: str = "LPS"
+    # Gaussian pre-filter when downsampling, so a 0.7 mm scan and a 2.5 mm scan look alike
+    # on a coarse grid. Off for the published families: their recipes have none.
+    antialias: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +42,7 @@ class PreprocessProfile:
 
 
 # The demo model: coarse enough to train on a 2-core CPU, fine enough for 1 cm lesions.
-DEMO = PreprocessProfile(name="medalign-demo", spacing=(4.0, 4.0, 5.0), size=(96, 96, 64))
+DEMO = PreprocessProfile(name="medalign-demo", spacing=(4.0, 4.0, 5.0), size=(96, 96, 64), antialias=True)
 
 # BrgSA (public code): 1.5 x 1.5 x 3 mm, 256 x 256 x 128, pad -1024, clamp [-1000, 1000],
 # scale to [-1, 1], then normalise with mean 0.4978, std 0.2449.

@@ -1,0 +1,86 @@
+"""A short training run on a synthetic cohort lowers the loss; eval writes its metrics."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from helpers import synthetic_ct
+from medalign.io import write_volume
+from medalign.knowledge import CT_RATE_FINDINGS
+
+
+def _cohort(root, n=8):
+    """Half the cases carry a dense blob ("Lung nodule"), with matching reports and masks."""
+    (root / "volumes").mkdir(parents=True)
+    (root / "masks").mkdir()
+    reports, labels = [], []
+    bit = 1 << CT_RATE_FINDINGS.index("Lung nodule")
+    for i in range(n):
+        positive = i % 2 == 0
+        vol = synthetic_ct(seed=i, blob_ras=(40.0, 20.0, 10.0) if positive else None)
+        write_volume(vol, root / "volumes" / f"c{i}.nii.gz")
+        mask = vol.__class__((vol.array > 200).astype(np.int32) * bit, vol.ijk_to_ras)
+        write_volume(mask, root / "masks" / f"c{i}.nii.gz")
+        reports.append({"VolumeName": f"c{i}.nii.gz", "report_text": "A nodule in the left lung." if positive else "No nodule. Lungs are clear."})
+        labels.append({"VolumeName": f"c{i}.nii.gz", "Lung nodule": int(positive), "Emphysema": 0 if i % 3 else 1})
+    for name, rows in (("reports.csv", reports), ("labels.csv", labels)):
+        with (root / name).open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    return root
+
+
+def test_short_training_lowers_loss_and_resumes(tmp_path):
+    from medalign.models.medalign_model import read_checkpoint, tiny_config
+    from medalign.train import TrainConfig, train
+
+    data = _cohort(tmp_path / "cohort")
+    out = tmp_path / "m.safetensors"
+    cfg = TrainConfig(data=data, out=out, steps=40, batch_size=4, lr=2e-3, warmup=5, device="cpu",
+                      model_config=tiny_config(), save_every=20)
+    train(cfg, progress=False)
+    _, tensors, extra = read_checkpoint(out)
+    assert extra["steps"] == 40 and set(extra["trained_findings"]) == {"Lung nodule", "Emphysema"}
+    assert extra["final_loss"] < extra["initial_loss"]
+    # resume: asking for more steps continues from the saved optimizer state
+    cfg.steps = 44
+    train(cfg, progress=False)
+    _, _, extra2 = read_checkpoint(out)
+    assert extra2["steps"] == 44
+
+
+def test_eval_writes_metrics_roc_and_localization(tmp_path):
+    from medalign.evaluate import evaluate
+    from medalign.models.medalign_model import tiny_test_model
+
+    data = _cohort(tmp_path / "cohort", n=6)
+    summary = evaluate(data, tmp_path / "eval", model=tiny_test_model(), findings=["Lung nodule"], device="cpu",
+                       n_boot=50, progress=False)
+    e = summary["findings"]["Lung nodule"]
+    assert e["n"] == 6 and e["positives"] == 3
+    assert 0.0 <= e["auc"]["value"] <= 1.0 and e["auc"]["ci_low"] <= e["auc"]["ci_high"]
+    assert e["localized_cases"] == 3 and 0.0 <= e["pointing_game"] <= e["pointing_game_tolerant"] <= 1.0
+    for name in ("metrics.json", "metrics.csv", "predictions.csv", "roc.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["cases"] == 6
+
+
+def test_training_wordings_are_disjoint_from_inference_wordings():
+    """Evaluation must measure unseen prompt wordings: no training sentence for any
+    finding equals any prompt the screener builds for it."""
+    from medalign.knowledge import build_prompts
+    from medalign.models.medalign_model import PROMPT_TEMPLATES
+    from medalign.train import TRAIN_TEMPLATES, finding_sentences
+
+    assert not set(TRAIN_TEMPLATES["positive"] + TRAIN_TEMPLATES["negative"]) & set(
+        PROMPT_TEMPLATES["positive"] + PROMPT_TEMPLATES["negative"])
+    for finding in CT_RATE_FINDINGS:
+        pos, neg = finding_sentences(finding)
+        prompts = build_prompts(finding, PROMPT_TEMPLATES)
+        seen = {s.lower() for s in pos + neg}
+        assert not seen & {s.lower() for s in prompts.positive + prompts.negative}, finding

@@ -290,7 +290,7 @@ def _one_sentence(exc: pytest.ExceptionInfo) -> str:
         ),
         (
             lambda s: s.update({"gloria.img_encoder.model.blocks.1.mlp.fc2.weight": torch.zeros(64, 128)}),
-            "wrong shapes img_encoder.model.blocks.1.mlp.fc2.weight (64, 128) (model (64, 256))",
+            "wrong shapes img_encoder.model.blocks.1.mlp.fc2.weight [64, 128] (expected [64, 256])",
         ),
     ],
     ids=["missing", "missing-bert", "missing-needed-for-sizes", "unexpected", "wrong-shape"],

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, InputError
+from .checkpoint_keys import check_state_keys, key_list, shapes
 from ..profiles import BRGSA
 from .bank import KnowledgeBank
 from .base import ImageFeatures, ScreeningModel
@@ -152,7 +153,7 @@ def brgsa_config_from_state_dict(
     absent = [k for k in required if k not in state]
     if absent:
         raise CheckpointError(
-            f"This is not a BrgSA checkpoint in the layout of the public code: it lacks {_names(absent)}."
+            f"This is not a BrgSA checkpoint in the layout of the public code: it lacks {key_list(absent, 8)}."
         )
     # image tower
     width = int(state["img_encoder.model.cls_token"].shape[-1])
@@ -549,11 +550,6 @@ def heatmap_volume_u8(patch_map: torch.Tensor, size: tuple[int, int, int]) -> to
 
 
 # --------------------------------------------------------------------------- checkpoint reading
-def _names(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def _is_safetensors(path: Path) -> bool:
     with open(path, "rb") as fh:
         head = fh.read(9)
@@ -642,22 +638,7 @@ def build_brgsa(cfg: BrgSAConfig, state: Mapping[str, torch.Tensor], name: str =
     with torch.device("meta"):
         model = BrgSAModel(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (model {expected[k]})"
-        for k in sorted(set(expected) & set(state))
-        if tuple(state[k].shape) != expected[k]
-    ]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_names(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shapes {_names(wrong)}")
-        raise CheckpointError(f"The BrgSA {name} does not match the model: {'; '.join(parts)}.")
+    check_state_keys(expected, shapes(state), f"The BrgSA {name}")
     model.load_state_dict(dict(state), strict=True, assign=True)
     # BERT's non-persistent buffers are not in any checkpoint: make them real again.
     for mod_name, module in model.named_modules():

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, InputError
+from .checkpoint_keys import check_state_keys, shapes
 from ..profiles import CTCLIP as CTCLIP_PROFILE
 from ..profiles import PreprocessProfile
 from .base import ImageFeatures, ScreeningModel
@@ -134,11 +135,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _key_list(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
 def match_state_dict(
     expected: dict[str, tuple[int, ...]],
     sd: dict[str, torch.Tensor],
@@ -146,22 +142,7 @@ def match_state_dict(
     source: str = "checkpoint",
 ) -> dict[str, torch.Tensor]:
     """The tensors for ``expected``; any missing, unexpected or mis-shaped key is one CheckpointError."""
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and k not in droppable]
-    wrong = [
-        f"{k} {list(v.shape)} (expected {list(want)})"
-        for k, v in sd.items()
-        if (want := expected.get(k, droppable.get(k))) is not None and tuple(v.shape) != tuple(want)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_key_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_key_list(unexpected)}")
-    if wrong:
-        problems.append(f"wrong shapes {_key_list(wrong, 4)}")
-    if problems:
-        raise CheckpointError(f"The CT-CLIP {source} does not match the model: {'; '.join(problems)}.")
+    check_state_keys(expected, shapes(sd), f"The CT-CLIP {source}", ignorable=droppable)
     return {k: sd[k] for k in expected}
 
 

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import CheckpointError
 from ..profiles import DEMO, PreprocessProfile
 from .bank import KnowledgeBank
+from .checkpoint_keys import check_state_keys, shapes
 from .base import ImageFeatures, ScreeningModel
 from .vit3d import ViT3D, ViT3DConfig
 
@@ -207,18 +208,9 @@ def read_checkpoint(path: str | Path) -> tuple[MedAlignConfig, dict[str, torch.T
 
 
 def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:
-    """Load weights, naming missing/unexpected/mis-shaped keys in one sentence."""
+    """Load weights; any missing/unexpected/mis-shaped key is one CheckpointError sentence."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("text_encoder.")}
-    missing = sorted(set(own) - set(tensors))
-    unexpected = sorted(set(tensors) - set(own))
-    shapes = sorted(k for k in set(own) & set(tensors) if tuple(own[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or shapes:
-        parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", shapes)):
-            if keys:
-                shown = ", ".join(keys[:6]) + (f" (+{len(keys) - 6} more)" if len(keys) > 6 else "")
-                parts.append(f"{label}: {shown}")
-        raise CheckpointError(f"{name} does not match the model ({'; '.join(parts)}).")
+    check_state_keys(shapes(own), shapes(tensors), name)
     model.load_state_dict(tensors, strict=False)
 
 

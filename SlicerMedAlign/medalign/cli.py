@@ -14,6 +14,9 @@ from .commands import COMMAND_MODULES
 from .errors import MedAlignError
 
 
+TORCH_COMMANDS = {"screen", "batch", "eval", "train"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medalign",
@@ -39,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        if args.command in TORCH_COMMANDS:
+            from .device import configure_cpu_threads
+
+            configure_cpu_threads()  # the CPU thread count follows the machine (or MEDALIGN_THREADS)
         return int(args.func(args) or 0)
     except MedAlignError as exc:
         print(f"medalign: error: {exc}", file=sys.stderr)

@@ -68,7 +68,8 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup: int = 60
     seed: int = 0
-    clip_weight: float = 0.5
+    clip_weight: float = 0.25
+    local_weight: float = 1.0
     mse_weight: float = 0.5
     val_data: Path | None = None
     resume: bool = True
@@ -115,40 +116,75 @@ def _setup_distributed(device: torch.device) -> tuple[int, int]:
 
 # ------------------------------------------------------------------ data
 class PreparedCohort:
-    """Cases preprocessed once to the model grid (float16 on CPU), cached on disk if asked."""
+    """Cases preprocessed once to the model grid (float16 on CPU), cached on disk if asked.
 
-    def __init__(self, cases: list[Case], profile, cache: Path | None, progress: bool) -> None:
+    Where a case has a lesion mask, its bits are also brought onto the model's local-token
+    grid (a token carries bit f when any of its 2x2x2 sub-samples lies in lesion f), for
+    the dense token-text loss.
+    """
+
+    def __init__(self, cases: list[Case], profile, token_stride: int, cache: Path | None, progress: bool) -> None:
         from tqdm import tqdm
-
-        from .io import read_volume
-        from .preprocess import prepare
 
         self.cases = cases
         self.images: list[torch.Tensor] = []
+        self.token_masks: list[torch.Tensor | None] = []
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
         for case in tqdm(cases, desc="preprocessing", disable=not progress, unit="ct"):
-            cached = cache / f"{case.case_id}.{profile.name}.pt" if cache is not None else None
+            cached = cache / f"{case.case_id}.{profile.name}.s{token_stride}.pt" if cache is not None else None
             if cached is not None and cached.is_file():
-                self.images.append(torch.load(cached, weights_only=True))
-                continue
-            tensor = prepare(read_volume(case.volume_path), profile).tensor[0].to(torch.float16).contiguous()
-            if cached is not None:
-                tmp = cached.with_suffix(".tmp")
-                torch.save(tensor, tmp)
-                os.replace(tmp, cached)
-            self.images.append(tensor)
+                item = torch.load(cached, weights_only=True)
+            else:
+                item = self._prepare(case, profile, token_stride)
+                if cached is not None:
+                    tmp = cached.with_suffix(".tmp")
+                    torch.save(item, tmp)
+                    os.replace(tmp, cached)
+            self.images.append(item["image"])
+            self.token_masks.append(item.get("tokens"))
+
+    @staticmethod
+    def _prepare(case: Case, profile, stride: int) -> dict[str, torch.Tensor]:
+        from .io import read_volume
+        from .preprocess import prepare
+
+        prepared = prepare(read_volume(case.volume_path), profile)
+        item = {"image": prepared.tensor[0].to(torch.float16).contiguous()}
+        if case.mask_path is not None:
+            item["tokens"] = token_mask(read_volume(case.mask_path), prepared.grid_to_ras, profile.size, stride)
+        return item
 
     def __len__(self) -> int:
         return len(self.cases)
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Cheap, label-preserving jitter: a few voxels of shift and a small intensity change."""
-    shifts = [int(v) for v in torch.randint(-3, 4, (3,), generator=gen)]
-    x = torch.roll(x, shifts=shifts, dims=(-3, -2, -1))
+def token_mask(mask, grid_to_ras: np.ndarray, size: tuple[int, int, int], stride: int) -> torch.Tensor:
+    """(X', Y', Z') int32 bitmask of a lesion mask on the local-token grid of a model grid."""
+    grid = [n // stride for n in size]
+    sub = (np.arange(2) + 0.5) * stride / 2 - 0.5  # two sub-sample offsets per axis, in model voxels
+    axes = [(np.arange(g)[:, None] * stride + sub[None, :]).ravel() for g in grid]
+    xyz = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    ras = xyz @ grid_to_ras[:3, :3].T + grid_to_ras[:3, 3]
+    ijk = np.round(mask.ras_to_ijk_points(ras)).astype(np.int64)
+    shape = mask.array.shape  # [k, j, i]
+    inside = np.all((ijk >= 0) & (ijk < np.array([shape[2], shape[1], shape[0]])), axis=1)
+    bits = np.zeros(len(ijk), dtype=np.int64)
+    bits[inside] = mask.array[ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]]
+    bits = bits.reshape(grid[0], 2, grid[1], 2, grid[2], 2)
+    out = np.bitwise_or.reduce(np.bitwise_or.reduce(np.bitwise_or.reduce(bits, axis=5), axis=3), axis=1)
+    return torch.from_numpy(out.astype(np.int32))
+
+
+def _augment(x: torch.Tensor, tokens: torch.Tensor | None, stride: int, gen: torch.Generator):
+    """Cheap, label-preserving jitter: a shift by whole tokens (so token masks shift with the
+    image) and a small intensity change."""
+    steps = [int(v) for v in torch.randint(-1, 2, (3,), generator=gen)]
+    x = torch.roll(x, shifts=[s * stride for s in steps], dims=(-3, -2, -1))
+    if tokens is not None:
+        tokens = torch.roll(tokens, shifts=steps, dims=(-3, -2, -1))
     scale = 1.0 + 0.05 * (torch.rand(1, generator=gen).item() - 0.5)
-    return x * scale + 0.02 * torch.randn(x.shape, generator=gen)
+    return x * scale + 0.02 * torch.randn(x.shape, generator=gen), tokens
 
 
 def resolve_labels(cases: list[Case], findings: list[str]) -> torch.Tensor:
@@ -167,6 +203,67 @@ def resolve_labels(cases: list[Case], findings: list[str]) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ losses
+def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss: sentences of one class together, other classes apart."""
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    same = (labels[:, None] == labels[None, :]) & ~self_mask
+    return -(log_prob.masked_fill(~same, 0).sum(1) / same.sum(1).clamp_min(1)).mean()
+
+
+def warm_up_text_projection(model: MedAlignModel, pos_raw: list[torch.Tensor], neg_raw: list[torch.Tensor],
+                            steps: int = 300, lr: float = 3e-3) -> float:
+    """Separate "finding present" from "finding absent" in the joint space before any image
+    is seen, then freeze the projection.
+
+    The frozen sentence encoder puts "X" and "no X" close together (cosine about 0.8), so a
+    jointly trained projection starts with nearly equal positive and negative latents and
+    the image encoder gets almost no gradient from the present/absent decision.  Fixing
+    2F well-separated text anchors first (supervised contrastive over the 2F classes of
+    training sentences) gives the image side a clear target from the first step.
+    """
+    x = torch.cat(pos_raw + neg_raw)
+    n_f = len(pos_raw)
+    y = torch.cat([torch.full((len(t),), j) for j, t in enumerate(pos_raw)] +
+                  [torch.full((len(t),), n_f + j) for j, t in enumerate(neg_raw)]).to(x.device)
+    opt = torch.optim.Adam(model.text_proj.parameters(), lr=lr)
+    loss = torch.tensor(0.0)
+    for _ in range(steps):
+        loss = supcon_loss(model.project_text(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.text_proj.requires_grad_(False)
+    return float(loss.detach())
+
+
+def local_alignment_loss(model, feats, t_pos: torch.Tensor, t_neg: torch.Tensor, token_masks: list,
+                         finding_bits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Dense token-text loss where lesion masks exist: tokens inside lesion f choose the
+    "f present" prompt over "f absent"; every other token of a labelled finding chooses
+    "absent".  Positive and negative tokens are averaged separately (lesions are small).
+    Cases without a mask contribute nothing, so cohorts of CTs + reports train as before."""
+    have = [i for i, m in enumerate(token_masks) if m is not None]
+    if not have:
+        return feats.global_latent.sum() * 0
+    sub = ImageFeatures(feats.global_latent[have], feats.tokens[have])
+    n_f = len(t_pos)
+    tl = model.token_logits(sub, torch.cat([t_pos, t_neg]))  # (b, 2F, X', Y', Z')
+    pair = torch.stack([tl[:, :n_f], tl[:, n_f:]], dim=-1)  # (b, F, X', Y', Z', 2)
+    masks = torch.stack([token_masks[i] for i in have]).to(tl.device).long()  # (b, X', Y', Z')
+    bits = finding_bits.to(tl.device).clamp_min(0)
+    inside = ((masks[:, None] >> bits[None, :, None, None, None]) & 1).bool()  # (b, F, X', Y', Z')
+    labelled = (y[have] >= 0)[:, :, None, None, None] & (finding_bits >= 0).to(tl.device)[None, :, None, None, None]
+    ce = F.cross_entropy(pair.reshape(-1, 2), (~inside).long().reshape(-1), reduction="none").reshape(inside.shape)
+    pos, neg = inside & labelled, ~inside & labelled
+    loss = ce[neg].mean() if neg.any() else ce.sum() * 0
+    if pos.any():
+        loss = (loss + ce[pos].mean()) / 2
+    return loss
+
+
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     logits = scale * a @ b.T
     target = torch.arange(a.shape[0], device=a.device)
@@ -201,7 +298,9 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
 
     model = MedAlignModel(cfg.model_config).to(device)
     text_encoder = build_text_encoder(None, cfg.model_config)
-    cohort = PreparedCohort(cases, cfg.model_config.profile, cfg.cache, progress and rank == 0)
+    stride = model.patch_size[0]
+    cohort = PreparedCohort(cases, cfg.model_config.profile, stride, cfg.cache, progress and rank == 0)
+    finding_bits = torch.tensor([CT_RATE_FINDINGS.index(f) if f in CT_RATE_FINDINGS else -1 for f in findings])
 
     # Cached frozen-text embeddings: finding sentences and report sentences.
     pos_raw, neg_raw = [], []
@@ -214,6 +313,11 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     neg_raw = [t.to(device) for t in neg_raw]
     report_raw = report_raw.to(device)
 
+    if start_step_hint(cfg) == 0:
+        text_loss = warm_up_text_projection(model, pos_raw, neg_raw)
+        log(f"text anchors separated (supervised contrastive loss {text_loss:.3f}); projection frozen")
+    else:
+        model.text_proj.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -251,7 +355,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     for step in bar:
         pick = torch.randint(0, len(indices), (cfg.batch_size,), generator=gen)
         idx = [indices[int(i)] for i in pick]
-        x = torch.stack([_augment(cohort.images[i].float(), gen) for i in idx]).to(device)
+        pairs = [_augment(cohort.images[i].float(), cohort.token_masks[i], stride, gen) for i in idx]
+        x = torch.stack([p[0] for p in pairs]).to(device)
         y = labels[idx].to(device)  # (B, F)
         g, tokens = net(x)
         feats = ImageFeatures(global_latent=g, tokens=tokens)
@@ -266,6 +371,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         known = y >= 0
         target = (1 - y).clamp(0, 1)  # class 0 = present, class 1 = absent
         loss_find = F.cross_entropy(pair[known], target[known]) if known.any() else logits.sum() * 0
+        loss_local = local_alignment_loss(model, feats, t_pos, t_neg, [p[1] for p in pairs], finding_bits, y)
 
         # image-report contrastive + BrgSA bank losses
         v = F.normalize(feats.global_latent, dim=-1)
@@ -273,7 +379,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         v_hat, r_hat = model.bank(v), model.bank(r)
         loss_clip = clip_loss(v, r, model.log_scale.exp()) + clip_loss(F.normalize(v_hat, dim=-1), F.normalize(r_hat, dim=-1), 10.0)
         loss_mse = F.mse_loss(v_hat, v) + F.mse_loss(r_hat, r)
-        loss = loss_find + cfg.clip_weight * loss_clip + cfg.mse_weight * loss_mse
+        loss = loss_find + cfg.local_weight * loss_local + cfg.clip_weight * loss_clip + cfg.mse_weight * loss_mse
 
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -290,6 +396,14 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     if world > 1:
         dist.barrier()
     return cfg.out
+
+
+def start_step_hint(cfg: TrainConfig) -> int:
+    """The step a run will resume from (0 for a fresh run)."""
+    state_path = cfg.out.with_suffix(".train_state.pt")
+    if cfg.resume and state_path.is_file() and cfg.out.is_file():
+        return int(torch.load(state_path, weights_only=True)["step"])
+    return 0
 
 
 def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[str], history: list[float], seconds: float) -> None:

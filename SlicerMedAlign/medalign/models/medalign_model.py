@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -47,10 +48,11 @@ PROMPT_TEMPLATES = {
 class MedAlignConfig:
     vit: ViT3DConfig = field(
         default_factory=lambda: ViT3DConfig(
-            width=128, depth=4, heads=4, mlp_dim=512, patch_size=(2, 2, 2), base_size=(24, 24, 16), in_channels=32
+            width=128, depth=2, heads=4, mlp_dim=256, patch_size=(1, 1, 1), base_size=(12, 12, 8), in_channels=64
         )
     )
-    stem_channels: tuple[int, int] = (16, 32)
+    # stride-2 convolution blocks before the ViT; the local head fuses the second one (stride 4)
+    stem_channels: tuple[int, ...] = (16, 32, 64)
     embed_dim: int = 128
     bank_size: int = 256
     text_dim: int = 384
@@ -89,9 +91,9 @@ class MedAlignModel(ScreeningModel):
         self.cfg = cfg
         self.profile = cfg.profile
         self.prompt_templates = cfg.prompt_templates
-        c1, c2 = cfg.stem_channels
-        self.stem1 = _conv_block(1, c1)
-        self.stem2 = _conv_block(c1, c2)
+        chans = (1, *cfg.stem_channels)
+        self.stem = nn.ModuleList(_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        c2 = cfg.stem_channels[1]
         self.vit = ViT3D(cfg.vit)
         w, e = cfg.vit.width, cfg.embed_dim
         self.global_embedder = nn.Linear(w, e)
@@ -110,10 +112,13 @@ class MedAlignModel(ScreeningModel):
 
     # ---------------------------------------------------------------- image
     def image_features(self, x: torch.Tensor) -> ImageFeatures:
-        s1 = self.stem1(x)
-        s2 = self.stem2(s1)
-        cls, patches, grid = self.vit(s2)
-        b = x.shape[0]
+        levels = []
+        for block in self.stem:
+            x = block(x)
+            levels.append(x)
+        s2 = levels[1]  # stride 4: where the local tokens live
+        cls, patches, grid = self.vit(levels[-1])
+        b = patches.shape[0]
         coarse = patches.transpose(1, 2).reshape(b, -1, *grid)
         up = F.interpolate(coarse, size=s2.shape[2:], mode="trilinear", align_corners=False)
         local = self.local_fuse(torch.cat([up, s2], dim=1))  # (B, E, X', Y', Z')
@@ -186,6 +191,7 @@ def save_checkpoint(model: MedAlignModel, path: str | Path, extra: dict | None =
         meta["extra"] = json.dumps(extra)
     with atomic_output(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # a shareable model file, not a private temp file
     return path
 
 

@@ -1,0 +1,39 @@
+"""CUDA paths: run where a GPU is lent (skipped with a reason elsewhere; CPU CI skips them)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import synthetic_ct
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# bf16 keeps 8 bits of mantissa: probabilities of a softmax over two logits move by well
+# under 0.03 on the demo model; maps are compared by where they peak and by correlation.
+PROB_TOL = 0.03
+
+
+def _screen(precision: str):
+    from medalign.screening import screen
+
+    return screen(synthetic_ct(), findings="ct-rate", device="cuda", precision=precision)
+
+
+def test_bf16_matches_float32_on_gpu():
+    a, b = _screen("float32"), _screen("bf16")
+    for fa, fb in zip(a.findings, b.findings):
+        assert abs(fa.probability - fb.probability) < PROB_TOL, fa.name
+        r = np.corrcoef(fa.map.array.ravel(), fb.map.array.ravel())[0, 1]
+        assert r > 0.98, fa.name
+    assert a.device.startswith("cuda")
+
+
+def test_gpu_matches_cpu_in_float32():
+    from medalign.screening import screen
+
+    gpu = _screen("float32")
+    cpu = screen(synthetic_ct(), findings="ct-rate", device="cpu", precision="float32")
+    for fg, fc in zip(gpu.findings, cpu.findings):
+        assert abs(fg.probability - fc.probability) < 1e-3, fg.name

@@ -28,12 +28,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+SAMPLE_FINDINGS = ("Lung nodule", "Pleural effusion", "Cardiomegaly")
+
+
 def _sample_volume(out: Path):
     """A synthetic chest CT with a few findings, so a fresh install can try the tool at once."""
     from ..io import write_volume
+    from ..knowledge import CT_RATE_FINDINGS
     from ..phantoms import make_phantom
 
-    phantom = make_phantom(seed=20261123, labels={"Lung nodule": 1, "Pleural effusion": 1, "Cardiomegaly": 1})
+    labels = {f: int(f in SAMPLE_FINDINGS) for f in CT_RATE_FINDINGS}
+    phantom = make_phantom(seed=20261123, labels=labels)
     path = write_volume(phantom.volume, out / "sample_chest_ct.nii.gz")
     return phantom.volume, path
 
@@ -66,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print_table(result, sys.stdout)
         print(f"\nWrote {out / 'results.json'}, {out / 'results.csv'}" + ("" if args.no_maps else f" and {out / 'maps'}/"))
         if args.sample:
-            print(f"This was a generated sample ({source}). Screen your own scan with:\n"
+            print(f"This was a generated sample ({source}) containing {', '.join(SAMPLE_FINDINGS).lower()}.\n"
+                  f"Screen your own scan with:\n"
                   f"  medalign screen /path/to/ct.nii.gz --out results   (NIfTI, NRRD, MHA or a DICOM folder)")
     return 0
 

@@ -82,7 +82,7 @@ def available_cpus() -> int:
     except (AttributeError, OSError):
         count = os.cpu_count() or 1
     try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text(encoding="utf-8").split()[:2]
         if quota != "max":
             count = min(count, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):

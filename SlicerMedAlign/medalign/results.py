@@ -152,7 +152,7 @@ class ScreeningResult:
         path = out / RESULTS_JSON
         if not path.is_file():
             raise InputError(f"No {RESULTS_JSON} in {out}: the screening did not finish.")
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
         findings = []
         for d in data["findings"]:
             h = d.get("hotspot")

@@ -55,7 +55,7 @@ def _reset_peak_rss() -> bool:
 
 def _status_kb(field: str) -> int | None:
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:

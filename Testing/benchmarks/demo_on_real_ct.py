@@ -52,7 +52,7 @@ def main() -> None:
         print(f"{name}: " + ", ".join(f"{f.name} {f.probability:.2f}{'*' if f.flagged else ''}" for f in top))
         entry = {"top5": [(f.name, round(f.probability, 3), f.flagged) for f in top]}
         if name == "chest_ct_lung_mass.nii.gz":
-            box = json.loads((real / "chest_ct_lung_mass.boxes.json").read_text())
+            box = json.loads((real / "chest_ct_lung_mass.boxes.json").read_text(encoding="utf-8"))
             for finding in ("Lung nodule", "Lung mass"):
                 inside, ras, dist = peak_in_box(result, finding, box)
                 p = result.finding(finding).probability

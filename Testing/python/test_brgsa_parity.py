@@ -43,7 +43,7 @@ def fx(shared_fixtures: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fx_config(fx: Path) -> dict:
-    return json.loads((fx / "config.json").read_text())
+    return json.loads((fx / "config.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +245,7 @@ def test_without_text_folder_images_work_but_prompts_need_it(fx: Path, inputs: d
 
 
 def test_full_size_layout_matches_published_config(fx: Path) -> None:
-    layout = json.loads((fx / "full_size_layout.json").read_text())
+    layout = json.loads((fx / "full_size_layout.json").read_text(encoding="utf-8"))
     shapes = {k["key"]: tuple(k["shape"]) for k in layout["keys"]}
     assert len(shapes) == layout["num_keys"] == 358
     meta_state = {k.removeprefix("gloria."): torch.empty(s, device="meta") for k, s in shapes.items()}

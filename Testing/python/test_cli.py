@@ -35,7 +35,7 @@ def test_screen_writes_results_and_maps(tiny_model, ct_file, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["screen", str(ct_file), "--out", str(out), "--model", tiny_model, "--findings", "Lung nodule;Emphysema"])
     assert rc == 0
-    data = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert data["model"] == "tiny" and {f["name"] for f in data["findings"]} == {"Lung nodule", "Emphysema"}
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert len(rows) == 2 and all(0 <= float(r["probability"]) <= 1 for r in rows)

@@ -53,7 +53,7 @@ def fx(shared_fixtures: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fx_config(fx: Path) -> dict:
-    return json.loads((fx / "config.json").read_text())
+    return json.loads((fx / "config.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +226,7 @@ def test_fixture_needs_text_folder_and_tokenizer(fx: Path, fx_bert_folder: Path)
 
 
 def test_full_size_layout_is_what_the_model_expects(fx: Path, tmp_path: Path) -> None:
-    layout = json.loads((fx / "full_size_layout.json").read_text())
+    layout = json.loads((fx / "full_size_layout.json").read_text(encoding="utf-8"))
     assert layout["num_state_dict_keys"] == len(layout["keys"]) == 361
     meta_sd = {e["key"]: torch.empty(e["shape"], device="meta") for e in layout["keys"]}
     config = CTCLIPConfig.from_state_dict(meta_sd)

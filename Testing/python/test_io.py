@@ -359,13 +359,13 @@ def test_atomic_output_renames_on_success_and_cleans_up_on_failure(tmp_path):
         assert tmp.parent == target.parent and tmp.name.endswith("report.json") and tmp != target
         tmp.write_text("{}")
         assert not target.exists()  # invisible until the block succeeds
-    assert target.read_text() == "{}"
+    assert target.read_text(encoding="utf-8") == "{}"
 
     with pytest.raises(RuntimeError):
         with atomic_output(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("cancelled")
-    assert target.read_text() == "{}"  # the old file is untouched
+    assert target.read_text(encoding="utf-8") == "{}"  # the old file is untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
 
     with pytest.raises(MedAlignError):
@@ -376,9 +376,9 @@ def test_atomic_output_renames_on_success_and_cleans_up_on_failure(tmp_path):
 
 def test_atomic_write_text(tmp_path):
     path = atomic_write_text(tmp_path / "a.csv", "x,y\n1,2\n")
-    assert path.read_text() == "x,y\n1,2\n"
+    assert path.read_text(encoding="utf-8") == "x,y\n1,2\n"
     atomic_write_text(path, "replaced")
-    assert path.read_text() == "replaced"
+    assert path.read_text(encoding="utf-8") == "replaced"
     assert [p.name for p in tmp_path.iterdir()] == ["a.csv"]
 
 

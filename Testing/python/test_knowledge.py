@@ -53,7 +53,7 @@ def test_every_packaged_yaml_loads_with_all_fields():
         for n in item.negations:
             low = n.lower()
             assert any(w in low for w in ("no ", "not ", "normal", "without")), f"{name}: {n!r} is not a negation"
-        raw = yaml.safe_load((knowledge_dir() / f"{item.slug}.yaml").read_text())
+        raw = yaml.safe_load((knowledge_dir() / f"{item.slug}.yaml").read_text(encoding="utf-8"))
         assert raw["name"] == name
 
 
@@ -117,7 +117,7 @@ def _copy_one(tmp_path: Path, slug: str) -> tuple[Path, dict]:
     folder = tmp_path / "kb"
     folder.mkdir()
     shutil.copy(knowledge_dir() / f"{slug}.yaml", folder / f"{slug}.yaml")
-    return folder, yaml.safe_load((folder / f"{slug}.yaml").read_text())
+    return folder, yaml.safe_load((folder / f"{slug}.yaml").read_text(encoding="utf-8"))
 
 
 def test_missing_field_names_file_and_field(tmp_path):

@@ -171,7 +171,7 @@ def test_write_dataset_layout_and_round_trip(tmp_path):
     with open(out / "reports.csv", newline="") as fh:
         reps = list(csv.DictReader(fh))
     assert list(reps[0]) == ["VolumeName", "report_text"] and len(reps) == 2
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["seed"] == 5 and manifest["n"] == 2 and manifest["phantom_findings"] == PHANTOM_FINDINGS
     assert manifest["prevalence"] == 0.5 and manifest["generator_version"]
 

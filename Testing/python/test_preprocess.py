@@ -285,7 +285,7 @@ def test_shared_chest_ct_lung_mass_lands_in_its_box(real_ct):
     elapsed = time.perf_counter() - start
     assert tuple(prepared.tensor.shape) == (1, 1, 96, 96, 64)
     assert elapsed < 20.0
-    boxes = json.loads((real_ct / "chest_ct_lung_mass.boxes.json").read_text())
+    boxes = json.loads((real_ct / "chest_ct_lung_mass.boxes.json").read_text(encoding="utf-8"))
     lo = np.asarray(boxes["ras_box_mm"]["min"])
     hi = np.asarray(boxes["ras_box_mm"]["max"])
     centre = (lo + hi) / 2

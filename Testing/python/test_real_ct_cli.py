@@ -23,7 +23,7 @@ def test_screen_real_ct_maps_inside_input(real_ct, tiny_model, tmp_path, name): 
     volume = read_volume(real_ct / name)
     lo, hi = volume.ras_bounds()
     tol = np.asarray(volume.spacing) / 2 + 1e-3
-    data = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     for f in data["findings"]:
         m = read_volume(out / f["map"])
         mlo, mhi = m.ras_bounds()
@@ -48,7 +48,7 @@ def test_main_job_runs_on_the_embedded_default_model(tmp_path, monkeypatch, caps
     screening._MODEL_CACHE.clear()
     out = tmp_path / "out"
     assert main(["screen", "--sample", "--out", str(out)]) == 0
-    data = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert data["model"] == "medalign-demo" and len(data["findings"]) == 18
     assert len(list((out / "maps").glob("*.nii.gz"))) == 18
     printed = capsys.readouterr().out

@@ -143,7 +143,7 @@ def test_demo_weights_and_card_come_from_resources(home, fake_resources):
 def test_add_persists_and_infers_family(home, weights):
     entry = registry.add("ct-clip", weights, CONTENT_SHA.upper(), description="mine")
     assert entry.family == "ct-clip" and entry.builtin and entry.sha256 == CONTENT_SHA
-    stored = json.loads((home / "registry.json").read_text())
+    stored = json.loads((home / "registry.json").read_text(encoding="utf-8"))
     assert stored["models"]["ct-clip"]["weights"] == str(weights.resolve())
 
     other = registry.add("my-model", weights, CONTENT_SHA)
@@ -228,7 +228,7 @@ def test_sha_memo_avoids_rehashing_until_file_changes(home, weights, monkeypatch
     for _ in range(3):
         registry.resolve_weights(registry.get("mine"))
     assert len(calls) == 1
-    memo = json.loads((home / "verified.json").read_text())
+    memo = json.loads((home / "verified.json").read_text(encoding="utf-8"))
     assert memo[str(weights.resolve())]["sha256"] == CONTENT_SHA
 
     # same content, new mtime: the memo no longer vouches for it, so hash again

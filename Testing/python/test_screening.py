@@ -107,9 +107,9 @@ def test_hotspot_of_known_map():
 def test_results_write_read_round_trip(model, tmp_path):
     result = screen(synthetic_ct(), findings=["Lung nodule", "Atelectasis"], model=model, device="cpu")
     out = result.write(tmp_path / "res")
-    data = json.loads((out / "results.json").read_text())
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
     assert [f["name"] for f in data["findings"]] == [f.name for f in result.ranked()]
-    assert (out / "results.csv").read_text().splitlines()[0].startswith("finding,probability,uncertainty")
+    assert (out / "results.csv").read_text(encoding="utf-8").splitlines()[0].startswith("finding,probability,uncertainty")
     back = ScreeningResult.read(out)
     for a, b in zip(result.ranked(), back.findings):
         assert a.name == b.name and a.probability == pytest.approx(b.probability, abs=1e-6)

@@ -67,7 +67,7 @@ def test_eval_writes_metrics_roc_and_localization(tmp_path):
     assert e["localized_cases"] == 3 and 0.0 <= e["pointing_game"] <= e["pointing_game_tolerant"] <= 1.0
     for name in ("metrics.json", "metrics.csv", "predictions.csv", "roc.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["cases"] == 6
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["cases"] == 6
 
 
 def test_training_wordings_are_disjoint_from_inference_wordings():

@@ -155,7 +155,7 @@ def bert_config_for(folder: str | Path, sd: dict[str, torch.Tensor], has_text: b
 
     folder = Path(folder)
     try:
-        raw = json.loads((folder / "config.json").read_text())
+        raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"The CT-CLIP text encoder folder {folder} has no readable config.json ({_first_line(err)}).") from None
     # CXR-BERT declares model_type "cxr-bert"; its encoder is a plain BERT.

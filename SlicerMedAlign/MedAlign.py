@@ -1,0 +1,545 @@
+"""MedAlign: zero-shot CT abnormality screening with local alignment maps, in 3D Slicer.
+
+The widget only wires Qt to ``MedAlignLib`` (MRML glue) and the ``medalign`` engine;
+nothing here computes. Heavy Python packages (torch, MONAI, transformers ...) are
+installed on first use, after one confirmation, never at import.
+"""
+
+import importlib
+import logging
+import os
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+import MedAlignLib
+from medalign.errors import CancelledError, MedAlignError
+
+DEFAULT_MODEL = "medalign-demo"
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+#
+# MedAlign
+#
+
+
+class MedAlign(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "MedAlign"
+        self.parent.categories = ["Diagnosis"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["SlicerMedAlign contributors"]
+        self.parent.helpText = """
+Zero-shot screening of a chest CT for abnormalities with a 3D CT vision-language model.
+Pick a CT volume, a model and the findings to screen (the 18 CT-RATE abnormalities, the
+15 rarer CT-RATE-LT ones, or any finding typed as free text) and press <b>Screen</b>.
+The results table ranks findings by probability with an uncertainty and a flag; click a
+row to overlay that finding's local alignment map (where the image matches the finding's
+description), turn its hotspot into a segment, or export a structured report.<br><br>
+<b>The embedded model <i>medalign-demo</i> was trained on synthetic CT phantoms: it is a
+demonstration, not a clinical tool.</b> Research use only; not for clinical decisions.
+From the Python console: <code>slicer.util.getModuleLogic("MedAlign").screen(volumeNode,
+findings=["Lung nodule"])</code>.
+See <a href="https://github.com/SlicerMedAlign/SlicerMedAlign">the project page</a>.
+"""
+        self.parent.acknowledgementText = """
+MedAlign follows the Bridged Semantic Alignment design (knowledge bank with cross-modal
+knowledge interaction) of H. Lai, Z. Jiang, Q. Yao, R. Wang, Z. He, X. Tao, W. Lv, W. Wei
+and S. K. Zhou, "Bridged Semantic Alignment for Zero-shot 3D Medical Image Diagnosis"
+(BrgSA, arXiv:2501.03565), and loads CT-CLIP checkpoints trained on CT-RATE by
+I. E. Hamamci et al., "Developing Generalist Foundation Models from a Multimodal Dataset
+for 3D Computed Tomography" (CT-CLIP / CT-RATE, arXiv:2403.17834). Text embeddings use
+all-MiniLM-L6-v2 (sentence-transformers).
+"""
+
+
+#
+# Parameter node
+#
+
+
+@parameterNodeWrapper
+class MedAlignParameterNode:
+    """Everything the panel shows, saved with the scene."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: Annotated[str, Default(DEFAULT_MODEL)]
+    findings: list[str]
+    customFindings: str
+    device: Annotated[str, Choice(DEVICES), Default("auto")]
+    opacity: Annotated[float, WithinRange(0.0, 1.0), Default(0.5)]
+    threshold: Annotated[float, WithinRange(0.0, 1.0), Default(0.5)]
+    resultTable: vtkMRMLTableNode
+    shownFinding: str
+
+
+#
+# MedAlignWidget
+#
+
+
+def _text(byteArray) -> str:
+    """QByteArray from QProcess -> str (PythonQt returns bytes from ``data()``)."""
+    data = byteArray.data() if hasattr(byteArray, "data") else bytes(byteArray)
+    return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
+
+
+class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._process = None
+        self._job = None
+        self._cancelRequested = False
+        self._updatingFindings = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/MedAlign.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = MedAlignLogic()
+
+        self.ui.progressBar.setVisible(False)
+        self.ui.progressBar.setRange(0, 1000)
+        self.ui.resultsTableView.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        self.ui.resultsTableView.setSelectionMode(qt.QAbstractItemView.SingleSelection)
+        self.populateModels()
+        self.populateFindings()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.screenButton.connect("clicked(bool)", self.onScreenButton)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.findingsListWidget.connect("itemChanged(QListWidgetItem*)", self.onFindingItemChanged)
+        self.ui.ctRateButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate")))
+        self.ui.ctRateLtButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate-lt")))
+        self.ui.clearFindingsButton.connect("clicked()", lambda: self.checkFindings([]))
+        self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
+        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onDisplayChanged)
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onDisplayChanged)
+        self.ui.hotspotToSegmentButton.connect("clicked()", self.onHotspotToSegment)
+        self.ui.exportButton.connect("clicked()", self.onExport)
+
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.removeObservers()
+        if self._process is not None:
+            self._cancelRequested = True
+            self._process.kill()
+        if self._job is not None:
+            self._job.cleanup()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    # ------------------------------------------------------------------ parameter node
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+        if not self._parameterNode.findings and not self._parameterNode.customFindings:
+            self._parameterNode.findings = self.logic.findingPreset("ct-rate")
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
+        """Parts the automatic GUI binding cannot do: model list, finding ticks, table, buttons."""
+        p = self._parameterNode
+        if p is None:
+            return
+        index = self.ui.modelComboBox.findText(p.model)
+        if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+            self.ui.modelComboBox.currentIndex = index
+        self._updatingFindings = True
+        checked = set(p.findings)
+        for row in range(self.ui.findingsListWidget.count):
+            item = self.ui.findingsListWidget.item(row)
+            item.setCheckState(qt.Qt.Checked if item.text() in checked else qt.Qt.Unchecked)
+        self._updatingFindings = False
+        if self.ui.resultsTableView.mrmlTableNode() is not p.resultTable:
+            self.ui.resultsTableView.setMRMLTableNode(p.resultTable)
+        running = self._process is not None
+        self.ui.screenButton.text = "Cancel" if running else "Screen"
+        self.ui.screenButton.enabled = running or bool(p.inputVolume)
+        hasResults = p.resultTable is not None
+        self.ui.hotspotToSegmentButton.enabled = hasResults and not running
+        self.ui.exportButton.enabled = hasResults and not running
+
+    # ------------------------------------------------------------------ lists
+    def populateModels(self) -> None:
+        self.ui.modelComboBox.clear()
+        for name, description in self.logic.models():
+            self.ui.modelComboBox.addItem(name)
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
+
+    def populateFindings(self) -> None:
+        self.ui.findingsListWidget.clear()
+        names = self.logic.findingPreset("ct-rate") + self.logic.findingPreset("ct-rate-lt")
+        for name in names:
+            item = qt.QListWidgetItem(name)
+            item.setFlags(item.flags() | qt.Qt.ItemIsUserCheckable)
+            item.setCheckState(qt.Qt.Unchecked)
+            self.ui.findingsListWidget.addItem(item)
+
+    def onModelChanged(self, index: int) -> None:
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.model = self.ui.modelComboBox.itemText(index)
+
+    def onFindingItemChanged(self, item) -> None:
+        if self._updatingFindings or self._parameterNode is None:
+            return
+        self._parameterNode.findings = [
+            self.ui.findingsListWidget.item(row).text()
+            for row in range(self.ui.findingsListWidget.count)
+            if self.ui.findingsListWidget.item(row).checkState() == qt.Qt.Checked
+        ]
+
+    def checkFindings(self, names: list) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.findings = list(names)
+
+    # ------------------------------------------------------------------ screening
+    def onScreenButton(self) -> None:
+        if self._process is not None:  # the button reads "Cancel" while a run is going
+            self._cancelRequested = True
+            self.ui.statusLabel.text = "Cancelling..."
+            self._process.kill()
+            return
+        p = self._parameterNode
+        try:
+            if not self.logic.installDependencies(askConfirmation=True):
+                self.ui.statusLabel.text = "MedAlign needs its Python packages to screen."
+                return
+            if self.ui.findingsListWidget.count == 0:
+                self.populateFindings()
+                self.updateGUIFromParameterNode()
+            findings = self.logic.findingList(list(p.findings), p.customFindings)
+            self._job = self.logic.backgroundScreening(p.inputVolume, findings, p.model, p.device)
+            argv = self._job.command()
+        except MedAlignError as exc:
+            slicer.util.errorDisplay(str(exc))
+            return
+        process = qt.QProcess()
+        environment = qt.QProcessEnvironment.systemEnvironment()
+        for key, value in self._job.environment().items():
+            environment.insert(key, value)
+        process.setProcessEnvironment(environment)
+        process.connect("readyReadStandardOutput()", self.onProcessOutput)
+        process.connect("finished(int,QProcess::ExitStatus)", self.onProcessFinished)
+        self._process = process
+        self._cancelRequested = False
+        self.ui.progressBar.value = 0
+        self.ui.progressBar.setVisible(True)
+        self.ui.statusLabel.text = "Starting..."
+        self.updateGUIFromParameterNode()
+        process.start(argv[0], argv[1:])
+
+    def onProcessOutput(self) -> None:
+        if self._process is None or self._job is None:
+            return
+        for fraction, message in self._job.feed(_text(self._process.readAllStandardOutput())):
+            self.ui.progressBar.value = int(round(1000 * fraction))
+            self.ui.statusLabel.text = message
+
+    def onProcessFinished(self, exitCode, exitStatus) -> None:
+        process, job = self._process, self._job
+        self._process, self._job = None, None
+        self.onProcessOutputFrom(process, job)
+        stderr = _text(process.readAllStandardError())
+        crashed = exitStatus == qt.QProcess.CrashExit
+        try:
+            table = job.finish(-9 if crashed else int(exitCode), stderr, self.logic.lib,
+                               cancelled=self._cancelRequested)
+            self._parameterNode.resultTable = table
+            top = self.logic.lib.finding_at_row(table, 0) if table.GetNumberOfRows() else ""
+            self.showFinding(top)
+            self.ui.statusLabel.text = f"Screened {table.GetNumberOfRows()} findings."
+        except CancelledError:
+            self.ui.statusLabel.text = "Cancelled; nothing was created."
+        except MedAlignError as exc:
+            self.ui.statusLabel.text = str(exc)
+            slicer.util.errorDisplay(str(exc))
+        finally:
+            self.ui.progressBar.setVisible(False)
+            self._cancelRequested = False
+            self.updateGUIFromParameterNode()
+
+    def onProcessOutputFrom(self, process, job) -> None:
+        for fraction, message in job.feed(_text(process.readAllStandardOutput()) + "\n"):
+            self.ui.statusLabel.text = message
+
+    # ------------------------------------------------------------------ results
+    def onResultClicked(self, index) -> None:
+        table = self._parameterNode.resultTable if self._parameterNode else None
+        if table is None or not index.isValid():
+            return
+        self.showFinding(self.logic.lib.finding_at_row(table, index.row()))
+
+    def showFinding(self, finding: str) -> None:
+        if not finding:
+            return
+        p = self._parameterNode
+        try:
+            self.logic.showMap(finding, opacity=p.opacity, threshold=p.threshold, table=p.resultTable)
+            p.shownFinding = finding
+        except MedAlignError as exc:
+            slicer.util.errorDisplay(str(exc))
+
+    def onDisplayChanged(self, value=None) -> None:
+        p = self._parameterNode
+        if p is not None and p.resultTable is not None and p.shownFinding:
+            self.showFinding(p.shownFinding)
+
+    def onHotspotToSegment(self) -> None:
+        p = self._parameterNode
+        finding = p.shownFinding or self.logic.lib.finding_at_row(p.resultTable, 0)
+        with slicer.util.tryWithErrorDisplay("Could not create the hotspot segment.", waitCursor=True):
+            segmentation, segmentId = self.logic.hotspotToSegment(finding, threshold=p.threshold, table=p.resultTable)
+            self.ui.statusLabel.text = f"Segment '{finding}' added to {segmentation.GetName()}."
+
+    def onExport(self) -> None:
+        p = self._parameterNode
+        folder = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Export MedAlign report to folder")
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay("Could not export the report.", waitCursor=True):
+            out = self.logic.export(p.resultTable, folder)
+            self.ui.statusLabel.text = f"Report written to {out}."
+
+
+#
+# MedAlignLogic
+#
+
+
+class MedAlignLogic(ScriptedLoadableModuleLogic):
+    """Slicer-facing logic: wraps ``MedAlignLib.ScreeningLogic(slicer.mrmlScene)``.
+
+    ``slicer.util.getModuleLogic("MedAlign").screen(volumeNode, findings=[...])`` runs the
+    same work as the Screen button (in this process) and returns the ``ScreeningResult``.
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._lib = None
+
+    @property
+    def lib(self) -> MedAlignLib.ScreeningLogic:
+        if self._lib is None or self._lib.scene is not slicer.mrmlScene:
+            self._lib = MedAlignLib.ScreeningLogic(slicer.mrmlScene)
+        return self._lib
+
+    def getParameterNode(self):
+        return MedAlignParameterNode(super().getParameterNode())
+
+    # ------------------------------------------------------------------ dependencies
+    def missingDependencies(self) -> list:
+        return MedAlignLib.missing_dependencies()
+
+    def installDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install missing packages after ONE confirmation; False if the user declines."""
+        missing = self.missingDependencies()
+        if not missing:
+            return True
+        listed = ", ".join(MedAlignLib.REQUIREMENTS[name] for name in missing)
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            f"MedAlign needs Python packages that are not installed yet: {listed}.\n\n"
+            "Install them now? PyTorch alone is a large download; this can take several minutes.",
+            windowTitle="MedAlign: install dependencies",
+        ):
+            return False
+        with slicer.util.WaitCursor():
+            if MedAlignLib.dependencies.TORCH in missing:
+                self._installTorch()
+            requirements = MedAlignLib.pip_requirements(missing)
+            if requirements:
+                slicer.util.pip_install(requirements)
+        importlib.invalidate_caches()
+        still = self.missingDependencies()
+        if still:
+            raise MedAlignError(f"Could not install {', '.join(still)}; see the Python console for pip's message.")
+        return True
+
+    @staticmethod
+    def _installTorch() -> None:
+        """PyTorch through the PyTorch extension (picks the right CUDA build) when present."""
+        try:
+            import PyTorchUtils
+        except ImportError:
+            logging.info("MedAlign: PyTorch extension not found; installing torch with pip.")
+            slicer.util.pip_install(MedAlignLib.REQUIREMENTS["torch"])
+            return
+        # The user already confirmed the whole installation once: no second dialog here.
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1")
+        if torch is None:
+            raise MedAlignError("PyTorch could not be installed; install it from the PyTorch module and try again.")
+
+    # ------------------------------------------------------------------ choices
+    @staticmethod
+    def models() -> list:
+        """(name, description) of every registered model."""
+        from medalign.registry import list_models
+
+        return [(entry.name, entry.description) for entry in list_models()]
+
+    @staticmethod
+    def findingPreset(name: str) -> list:
+        """"ct-rate" (18 findings) or "ct-rate-lt" (15 rarer ones); [] until PyYAML exists."""
+        try:
+            from medalign.knowledge import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
+        except ImportError:  # knowledge base needs PyYAML, installed on first use
+            return []
+        return list({"ct-rate": CT_RATE_FINDINGS, "ct-rate-lt": CT_RATE_LT_FINDINGS}[name])
+
+    @staticmethod
+    def findingList(checked: list, customText: str = "") -> list:
+        """Ticked findings plus free-text ones (';'-separated), without duplicates."""
+        out = []
+        for name in list(checked) + [s.strip() for s in (customText or "").split(";")]:
+            if name and name.lower() not in {o.lower() for o in out}:
+                out.append(name)
+        if not out:
+            raise MedAlignError("Tick at least one finding or type one as free text.")
+        return out
+
+    # ------------------------------------------------------------------ work
+    def screen(self, volumeNode, findings=None, model=None, device: str = "auto", progress=None, cancel=None):
+        """Screen ``volumeNode`` in this process; creates the same nodes as the Screen button."""
+        if not self.installDependencies(askConfirmation=True):
+            raise MedAlignError("MedAlign needs its Python packages; they were not installed.")
+        return self.lib.screen(volumeNode, findings=findings, model=model, device=device, progress=progress,
+                               cancel=cancel)
+
+    def resultTableNode(self):
+        """Results table of the latest run (None before any)."""
+        return self.lib.last_table
+
+    def backgroundScreening(self, volumeNode, findings, model=None, device: str = "auto"):
+        if volumeNode is None:
+            raise MedAlignError("Select a CT volume to screen.")
+        return MedAlignLib.BackgroundScreening(volumeNode, findings=findings, model=model or None, device=device)
+
+    def showMap(self, finding, opacity: float = 0.5, threshold=None, table=None):
+        return self.lib.show_map(finding, opacity=opacity, threshold=threshold, table=table)
+
+    def hotspotToSegment(self, finding, segmentationNode=None, threshold=None, table=None):
+        return self.lib.hotspot_to_segment(finding, segmentationNode=segmentationNode, table=table, threshold=threshold)
+
+    def export(self, resultOrTable, outDir):
+        return self.lib.export(resultOrTable if resultOrTable is not None else self.lib.last_table, outDir)
+
+
+#
+# MedAlignTest
+#
+
+
+class MedAlignTest(ScriptedLoadableModuleTest):
+    """Screens a synthetic chest CT through the module logic, as a user of the console would."""
+
+    FINDINGS = ["Lung nodule", "Pleural effusion", "Cardiomegaly"]
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ScreenPhantom()
+
+    def test_ScreenPhantom(self):
+        import numpy as np
+
+        logic = slicer.util.getModuleLogic("MedAlign")  # what console users get
+        self.delayDisplay("Checking Python dependencies")
+        self.assertTrue(logic.installDependencies(askConfirmation=False))
+
+        from medalign.io import write_volume
+        from medalign.phantoms import make_phantom
+
+        self.delayDisplay("Loading a synthetic chest CT")
+        phantom = make_phantom(seed=11, labels={"Lung nodule": 1, "Pleural effusion": 1, "Cardiomegaly": 0},
+                               spacing=(2.0, 2.0, 4.0))
+        path = os.path.join(slicer.app.temporaryPath, "MedAlignTestPhantom.nii.gz")
+        write_volume(phantom.volume, path)
+        volumeNode = slicer.util.loadVolume(path)
+        before = slicer.util.arrayFromVolume(volumeNode).copy()
+        matrixBefore = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrixBefore)
+
+        self.delayDisplay("Screening")
+        result = logic.screen(volumeNode, findings=self.FINDINGS, device="cpu")
+        table = logic.resultTableNode()
+        self.assertEqual(table.GetNumberOfRows(), len(self.FINDINGS))
+        self.assertEqual({table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())}, set(self.FINDINGS))
+
+        maps = logic.lib.map_nodes(table)
+        for name in self.FINDINGS:
+            mapNode, engineMap = maps[name], result.finding(name).map
+            self.assertEqual(tuple(mapNode.GetImageData().GetDimensions()), tuple(engineMap.shape_ijk))
+            matrix = vtk.vtkMatrix4x4()
+            mapNode.GetIJKToRASMatrix(matrix)
+            for r in range(4):
+                for c in range(4):
+                    self.assertAlmostEqual(matrix.GetElement(r, c), engineMap.ijk_to_ras[r, c], places=4)
+
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(volumeNode), before)
+        matrixAfter = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrixAfter)
+        self.assertTrue(all(matrixAfter.GetElement(r, c) == matrixBefore.GetElement(r, c)
+                            for r in range(4) for c in range(4)))
+
+        self.delayDisplay("Overlay, segment and export")
+        shown = logic.showMap("Lung nodule", opacity=0.4)
+        composite = slicer.app.layoutManager().sliceWidget("Red").sliceLogic().GetSliceCompositeNode()
+        self.assertEqual(composite.GetForegroundVolumeID(), shown.GetID())
+        self.assertEqual(composite.GetBackgroundVolumeID(), volumeNode.GetID())
+        segmentation, segmentId = logic.hotspotToSegment("Lung nodule")
+        self.assertEqual(segmentation.GetSegmentation().GetSegment(segmentId).GetName(), "Lung nodule")
+        outDir = os.path.join(slicer.app.temporaryPath, "MedAlignTestExport")
+        logic.export(table, outDir)
+        self.assertTrue(os.path.isfile(os.path.join(outDir, "report.json")))
+        self.delayDisplay("Test passed")

@@ -1,0 +1,32 @@
+"""MRML glue between Slicer scenes and the ``medalign`` engine.
+
+Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer``,
+``vtk``), never ``qt`` or ``slicer.util``, so it runs inside Slicer and headless
+(trame-slicer / slicer-core) alike. Heavy engine parts (torch) load on first use.
+"""
+
+from .background import BackgroundScreening
+from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
+from .dependencies import REQUIREMENTS, missing_dependencies, pip_requirements
+from .logic import TABLE_COLUMNS, ScreeningLogic, register_node_classes, threshold_value
+from .nodes import node_from_volume, volume_from_node
+from .report import describe_location, export_report
+
+__all__ = [
+    "BackgroundScreening",
+    "COLOR_NODE_NAME",
+    "REQUIREMENTS",
+    "ScreeningLogic",
+    "TABLE_COLUMNS",
+    "describe_location",
+    "ensure_color_node",
+    "export_report",
+    "find_color_node",
+    "inferno_rgb",
+    "missing_dependencies",
+    "node_from_volume",
+    "pip_requirements",
+    "register_node_classes",
+    "threshold_value",
+    "volume_from_node",
+]

@@ -1,0 +1,155 @@
+"""Screening in a separate process, so the Slicer panel stays responsive and can be killed.
+
+``BackgroundScreening`` is deliberately just three things: an argv list (plus the
+environment) for ``medalign screen ... --progress-lines``, a parser for the progress lines
+it prints, and a loader that turns its results folder into nodes. The Slicer widget runs
+the argv with ``qt.QProcess``; tests and scripts run it with ``subprocess.Popen``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from medalign.errors import CancelledError, MedAlignError
+from medalign.progress import PROGRESS_PREFIX, parse_progress_line
+
+from .nodes import volume_from_node
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 130
+
+
+def _engine_root() -> Path:
+    """Folder that contains the ``medalign`` package (the module folder inside Slicer)."""
+    import medalign
+
+    return Path(medalign.__file__).resolve().parent.parent
+
+
+def default_python() -> str:
+    """The interpreter for the child: this one, unless it is the Slicer application binary
+    itself (then Slicer's ``PythonSlicer``, which has the same packages)."""
+    exe = Path(sys.executable)
+    if exe.name.lower().startswith("slicer"):
+        return shutil.which("PythonSlicer") or str(exe.with_name("PythonSlicer"))
+    return sys.executable
+
+
+class BackgroundScreening:
+    """One background screening job of a volume node.
+
+    ``command()`` writes the node (a copy, via ``volume_from_node``) to ``<work>/input.nrrd``
+    and returns the argv; ``feed(text)`` turns stdout chunks into ``(fraction, message)``
+    progress updates; ``finish(exit_code, stderr, logic)`` creates the result nodes, or
+    raises ``CancelledError`` / ``MedAlignError`` with the child's one-line reason. The work
+    folder is removed by ``finish``/``cleanup``, whatever the outcome.
+    """
+
+    def __init__(
+        self,
+        volumeNode,
+        findings: Sequence[str] | str | None = None,
+        model: str | None = None,
+        device: str = "auto",
+        python: str | None = None,
+        work_dir: str | Path | None = None,
+    ) -> None:
+        self.volume_node = volumeNode
+        self.findings = findings
+        self.model = model
+        self.device = device
+        self.python = python or default_python()
+        self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="medalign-"))
+        self.input_path = self.work_dir / "input.nrrd"
+        self.out_dir = self.work_dir / "results"
+        self.fraction = 0.0
+        self.message = ""
+        self._pending = ""
+
+    # ------------------------------------------------------------------ launching
+    def findings_argument(self) -> str | None:
+        if self.findings is None:
+            return None
+        items = [self.findings] if isinstance(self.findings, str) else list(self.findings)
+        for item in items:
+            if ";" in item:
+                raise MedAlignError(f"A finding name cannot contain ';' ('{item}').")
+        return ";".join(s.strip() for s in items if s.strip()) or None
+
+    def command(self) -> list[str]:
+        """Write the input and return the argv of ``medalign screen`` (module form, no console script needed)."""
+        from medalign.io import write_volume
+
+        if not self.input_path.exists():
+            write_volume(volume_from_node(self.volume_node), self.input_path)
+        argv = [self.python, "-m", "medalign.cli", "screen", str(self.input_path), "--out", str(self.out_dir),
+                "--device", self.device, "--progress-lines"]
+        if self.model:
+            argv += ["--model", str(self.model)]
+        findings = self.findings_argument()
+        if findings:
+            argv += ["--findings", findings]
+        return argv
+
+    def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
+        """Environment for the child: the engine's folder first on PYTHONPATH, unbuffered output."""
+        env = dict(os.environ if base is None else base)
+        root = str(_engine_root())
+        paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+        env["PYTHONPATH"] = os.pathsep.join([root] + paths)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    # ------------------------------------------------------------------ progress
+    @staticmethod
+    def parse_line(line: str) -> tuple[float, str] | None:
+        """``MEDALIGN-PROGRESS <fraction> <message>`` -> (fraction, message); None for other lines."""
+        return parse_progress_line(line)
+
+    def feed(self, text: str) -> list[tuple[float, str]]:
+        """Progress updates found in a chunk of stdout (partial lines are kept for the next chunk)."""
+        self._pending += text
+        *lines, self._pending = self._pending.split("\n")
+        updates = []
+        for line in lines:
+            parsed = self.parse_line(line.rstrip("\r"))
+            if parsed is not None:
+                self.fraction, self.message = parsed
+                updates.append(parsed)
+        return updates
+
+    # ------------------------------------------------------------------ finishing
+    @staticmethod
+    def error_message(stderr: str) -> str:
+        """The child's one-line reason (``medalign: error: <sentence>``), or its last line."""
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        for line in reversed(lines):
+            if line.startswith("medalign: error:"):
+                return line[len("medalign: error:"):].strip()
+        return lines[-1] if lines else "The screening process failed without a message."
+
+    def finish(self, exit_code: int, stderr: str, logic, cancelled: bool = False):
+        """Load the results into ``logic`` (a ``ScreeningLogic``) and return the results table node."""
+        try:
+            if cancelled or exit_code in (EXIT_CANCELLED, -9, -15) or exit_code < 0:
+                raise CancelledError("Screening was cancelled; nothing was created.")
+            if exit_code != EXIT_OK:
+                raise MedAlignError(self.error_message(stderr))
+            params = {"device": self.device}
+            if self.model:
+                params["model"] = self.model
+            return logic.load_results(self.out_dir, self.volume_node, parameters=params)
+        finally:
+            self.cleanup()
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+__all__ = ["BackgroundScreening", "PROGRESS_PREFIX", "EXIT_OK", "EXIT_BAD_INPUT", "EXIT_CANCELLED", "default_python"]

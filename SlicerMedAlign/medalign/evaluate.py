@@ -187,6 +187,7 @@ def _plot_roc(names: list[str], labels: np.ndarray, probs: np.ndarray, path: Pat
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig, ax = plt.subplots(figsize=(7, 6.5), dpi=110)
+    ax.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20)))  # 18 findings: one colour each
     for fi, name in enumerate(names):
         known = labels[:, fi] >= 0
         y, p = labels[known, fi], probs[known, fi]

@@ -20,7 +20,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
 
 from .errors import MedAlignError
 
@@ -124,6 +123,8 @@ def _string_list(data: Mapping[str, Any], key: str, path: Path, allow_empty: boo
 
 
 def _parse(path: Path) -> FindingKnowledge:
+    import yaml  # lazy: the Slicer panel lists findings before dependencies are installed
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:

@@ -32,7 +32,7 @@ class ProgressReporter:
             from tqdm import tqdm
 
             self._bar = tqdm(total=100, desc=self.desc, unit="%", file=sys.stderr, leave=False,
-                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}")
+                             bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}")
         return self
 
     def __call__(self, fraction: float, message: str) -> None:
@@ -40,7 +40,7 @@ class ProgressReporter:
             print(f"{PROGRESS_PREFIX} {fraction:.4f} {message}", flush=True)
         elif self._bar is not None:
             self._bar.n = int(round(100 * fraction))
-            self._bar.set_postfix_str(message, refresh=True)
+            self._bar.set_description_str(f"{self.desc}: {message:<40.40s}", refresh=True)
 
     def __exit__(self, *exc) -> None:
         if self._bar is not None:

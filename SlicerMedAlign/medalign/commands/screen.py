@@ -40,6 +40,7 @@ def _sample_volume(out: Path):
     labels = {f: int(f in SAMPLE_FINDINGS) for f in CT_RATE_FINDINGS}
     phantom = make_phantom(seed=20261123, labels=labels)
     path = write_volume(phantom.volume, out / "sample_chest_ct.nii.gz")
+    phantom.volume.metadata.update(path=str(path), format="nifti")
     return phantom.volume, path
 
 

@@ -137,8 +137,8 @@ class PreparedCohort:
                 item = torch.load(cached, weights_only=True)
             else:
                 item = self._prepare(case, profile, token_stride)
-                if cached is not None:
-                    tmp = cached.with_suffix(".tmp")
+                if cached is not None:  # per-process temp name: torchrun ranks may race on a case
+                    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
                     torch.save(item, tmp)
                     os.replace(tmp, cached)
             self.images.append(item["image"])

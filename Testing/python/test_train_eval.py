@@ -84,3 +84,29 @@ def test_training_wordings_are_disjoint_from_inference_wordings():
         prompts = build_prompts(finding, PROMPT_TEMPLATES)
         seen = {s.lower() for s in pos + neg}
         assert not seen & {s.lower() for s in prompts.positive + prompts.negative}, finding
+
+
+def test_torchrun_two_processes_train_together(tmp_path):
+    """DistributedDataParallel on CPU (gloo): two ranks, one shared checkpoint."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun is not on PATH")
+    data = _cohort(tmp_path / "cohort", n=4)
+    out = tmp_path / "ddp.safetensors"
+    code = (
+        "import sys; from pathlib import Path; from medalign.train import TrainConfig, train; "
+        "from medalign.models.medalign_model import tiny_config; "
+        f"train(TrainConfig(data=Path(r'{data}'), out=Path(r'{out}'), steps=3, batch_size=2, device='cpu', "
+        "warmup=1, model_config=tiny_config()), progress=False)"
+    )
+    script = tmp_path / "run_ddp.py"
+    script.write_text(code, encoding="utf-8")
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc_per_node=2", str(script)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from medalign.models.medalign_model import read_checkpoint
+
+    assert read_checkpoint(out)[2]["steps"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -34,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, cache=args.cache, resume=not args.no_resume, val_data=args.val_data,
     )
     path = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and calibrates
+        return 0
     print(f"checkpoint: {path}")
     if args.val_data is not None:
         thresholds = calibrate(path, args.val_data, device=args.device)

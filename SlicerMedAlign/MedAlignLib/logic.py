@@ -255,27 +255,15 @@ class ScreeningLogic:
 
     def result_from_table(self, table=None, load_maps: bool = True) -> "ScreeningResult":
         """Rebuild the engine's ``ScreeningResult`` from a (possibly reloaded) results table."""
-        from medalign.results import FindingResult, Hotspot, ScreeningResult
+        from medalign.results import ScreeningResult
 
         table = self._table(table)
         text = table.GetAttribute(RESULT_JSON)
         if not text:
             raise InputError(f"The table '{table.GetName()}' is not a MedAlign results table.")
-        data = json.loads(text)
         maps = self.map_nodes(table) if load_maps else {}
-        findings = []
-        for d in data["findings"]:
-            h = d.get("hotspot")
-            hotspot = None if h is None else Hotspot(tuple(h["ras"]), h["value"], h["extent_mm3"], h["threshold"])
-            node = maps.get(d["name"])
-            findings.append(FindingResult(
-                name=d["name"], probability=d["probability"], uncertainty=d["uncertainty"], flagged=d["flagged"],
-                score=d["score"], map=volume_from_node(node) if node is not None else None, hotspot=hotspot,
-                knowledge=d.get("knowledge", {}),
-            ))
-        return ScreeningResult(
-            input=data.get("input", {}), model=data["model"], device=data["device"], findings=findings,
-            elapsed_s=data.get("elapsed_s", 0.0), disclaimer=data.get("disclaimer", ""),
+        return ScreeningResult.from_dict(
+            json.loads(text), lambda d: volume_from_node(maps[d["name"]]) if d["name"] in maps else None
         )
 
     # ------------------------------------------------------------------ display

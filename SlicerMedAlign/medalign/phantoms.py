@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
 from .errors import InputError, MedAlignError
 from .knowledge import CT_RATE_FINDINGS, load_knowledge
+from .parallel import ordered_map
 from .phantom_anatomy import (
     HU_AIR,
     Anatomy,
@@ -1250,13 +1252,25 @@ def _csv_text(rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
+def _write_case(job: tuple) -> tuple[str, dict[str, int], str]:
+    out, seed, index, forced, prevalence = job
+    cid = f"phantom_{seed}_{index:05d}"
+    ph = make_phantom(case_seed(seed, index), labels=forced, prevalence=prevalence)
+    _write_nifti(ph.volume.array, ph.volume.ijk_to_ras, out / "volumes" / f"{cid}.nii.gz")
+    _write_nifti(ph.mask, ph.volume.ijk_to_ras, out / "masks" / f"{cid}.nii.gz")
+    return cid, ph.labels, ph.report
+
+
 def write_dataset(out_dir: Path, n: int, seed: int, prevalence: float = 0.3, progress: bool = True,
-                  on_progress: Callable[[float, str], None] | None = None, findings: list[str] | None = None) -> Path:
+                  on_progress: Callable[[float, str], None] | None = None, findings: list[str] | None = None,
+                  workers: int | None = 1) -> Path:
     """Write ``n`` phantoms: volumes/, masks/, labels.csv, reports.csv, manifest.json.
 
     Case ``i`` is ``make_phantom(case_seed(seed, i), labels=...)`` so any case can be
     rebuilt alone. ``findings`` restricts which findings may appear (others are forced
     absent); ``on_progress(fraction, message)`` lets the CLI drive its own reporter.
+    ``workers`` processes build cases in parallel (None: every core); the files do not
+    depend on it.
     """
     forced = None
     if findings is not None:
@@ -1280,17 +1294,14 @@ def write_dataset(out_dir: Path, n: int, seed: int, prevalence: float = 0.3, pro
 
         bar = tqdm(total=int(n), desc="phantoms", unit="ct")
     try:
-        for index in range(int(n)):
-            cid = f"phantom_{int(seed)}_{index:05d}"
-            ph = make_phantom(case_seed(seed, index), labels=forced, prevalence=prevalence)
-            _write_nifti(ph.volume.array, ph.volume.ijk_to_ras, out / "volumes" / f"{cid}.nii.gz")
-            _write_nifti(ph.mask, ph.volume.ijk_to_ras, out / "masks" / f"{cid}.nii.gz")
-            label_rows.append([f"{cid}.nii.gz", *[ph.labels[k] for k in CT_RATE_FINDINGS]])
-            report_rows.append([f"{cid}.nii.gz", ph.report])
+        jobs = [(out, int(seed), index, forced, float(prevalence)) for index in range(int(n))]
+        for done, (cid, labels, report) in enumerate(ordered_map(_write_case, jobs, workers), start=1):
+            label_rows.append([f"{cid}.nii.gz", *[labels[k] for k in CT_RATE_FINDINGS]])
+            report_rows.append([f"{cid}.nii.gz", report])
             if bar is not None:
                 bar.update(1)
             if on_progress is not None:
-                on_progress((index + 1) / int(n), cid)
+                on_progress(done / int(n), cid)
     finally:
         if bar is not None:
             bar.close()

@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prevalence", type=float, default=0.3, help="probability of each finding, independently (default 0.3)")
     p.add_argument("--findings", default=None,
                    help='"A;B;..." CT-RATE names that may be inserted (default: all 18); the others stay absent')
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes building phantoms in parallel (default: every core); the output does not depend on it")
     p.add_argument("--progress-lines", action="store_true", help="machine-readable progress lines instead of a bar")
     p.set_defaults(func=run)
 
@@ -44,8 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if args.progress_lines:
         with ProgressReporter("phantoms", machine=True) as progress:
             out = write_dataset(Path(args.out), args.n, args.seed, prevalence=args.prevalence, progress=False,
-                                on_progress=progress, findings=findings)
+                                on_progress=progress, findings=findings, workers=args.workers)
     else:
-        out = write_dataset(Path(args.out), args.n, args.seed, prevalence=args.prevalence, progress=True, findings=findings)
+        out = write_dataset(Path(args.out), args.n, args.seed, prevalence=args.prevalence, progress=True, findings=findings,
+                            workers=args.workers)
     print(f"wrote {args.n} phantoms to {out}", file=sys.stderr)
     return 0

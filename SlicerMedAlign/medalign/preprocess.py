@@ -30,7 +30,8 @@ _MAX_GRID_POINTS = 1 << 22  # sampling points per grid_sample call in token_map_
 class PreparedImage:
     """A model-ready CT and the geometry needed to bring results back to the input.
 
-    ``tensor`` is ``(1, 1, X, Y, Z)`` float32 on the device, axes as ``profile.axcodes``.
+    ``tensor`` is ``(1, C, X, Y, Z)`` float32 on the device, axes as ``profile.axcodes``;
+    C is ``profile.n_channels`` (channel 0 is the windowed HU, then ``profile.channels``).
     ``grid_to_ras`` maps a model-grid voxel index ``(x, y, z, 1)`` to RAS mm.
     """
 
@@ -80,8 +81,15 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     # Work relative to the pad value, so that the single fused resample below, which
     # fills everything outside the input with 0, fills it with exactly pad_hu.
     data.sub_(pad_hu)
+    # max/min channels come from the unfiltered HU (a running max must see the true peaks);
+    # "mean" channels are channel 0 again, under another HU window
+    extremes = {c: _running_extreme(data, volume, profile, kind)
+                for c, (kind, _, _) in enumerate(profile.channels) if kind != "mean"}
     if profile.antialias:
         data = _antialias(data, volume, profile)
+    if profile.channels:
+        data = torch.cat([data, *[extremes.get(c, data) for c in range(len(profile.channels))]])
+        del extremes
     image = MetaTensor(data, affine=torch.as_tensor(volume.ijk_to_ras, dtype=torch.float64))
     del data
 
@@ -96,11 +104,12 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
         image, overrides={"mode": "bilinear", "padding_mode": "zeros", "dtype": torch.float32, "align_corners": False}
     )
     image.add_(pad_hu)
-    lo, hi = profile.hu_window
     b0, b1 = profile.out_range
-    image = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=b0, b_max=b1, clip=True, dtype=torch.float32)(image)
+    windows = [profile.hu_window, *[(lo, hi) for _, lo, hi in profile.channels]]
+    for c, (lo, hi) in enumerate(windows):
+        image[c] = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=b0, b_max=b1, clip=True, dtype=torch.float32)(image[c])
     if profile.mean is not None:
-        image = NormalizeIntensity(subtrahend=profile.mean, divisor=profile.std or 1.0, dtype=torch.float32)(image)
+        image[0] = NormalizeIntensity(subtrahend=profile.mean, divisor=profile.std or 1.0, dtype=torch.float32)(image[0])
 
     grid_to_ras = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64).copy()
     tensor = image.as_tensor().to(torch.float32)[None].contiguous()
@@ -109,13 +118,36 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     )
 
 
-def _antialias(data: torch.Tensor, volume: Volume, profile: PreprocessProfile) -> torch.Tensor:
-    """Gaussian low-pass (sigma = half the downsampling factor - 1, in voxels) per source axis."""
+def _footprint(volume: Volume, profile: PreprocessProfile) -> list[float]:
+    """Per source axis: how many source voxels one target voxel spans."""
     direction = volume.ijk_to_ras[:3, :3] / np.asarray(volume.spacing)
-    sigmas = []
+    ratios = []
     for axis, spacing in enumerate(volume.spacing):
         target = profile.spacing[int(np.argmax(np.abs(direction[:, axis])))]  # RAS axis this voxel axis follows
-        sigmas.append(max(0.0, 0.5 * (target / spacing - 1.0)))
+        ratios.append(target / spacing)
+    return ratios
+
+
+def _running_extreme(data: torch.Tensor, volume: Volume, profile: PreprocessProfile, kind: str) -> torch.Tensor:
+    """Running max (or min) over one target voxel's footprint, one axis at a time (separable,
+    so the cost grows with the footprint's width, not its volume)."""
+    if kind not in ("max", "min"):
+        raise InputError(f"Unknown channel reducer {kind!r} in profile {profile.name}; use 'mean', 'max' or 'min'.")
+    out = data if kind == "max" else -data
+    for axis, ratio in enumerate(_footprint(volume, profile)):
+        width = 2 * int(ratio // 2) + 1  # odd, so the window is centred on its voxel
+        if width < 3:
+            continue
+        kernel = [1, 1, 1]
+        kernel[axis] = width
+        pad = [k // 2 for k in kernel]
+        out = F.max_pool3d(out[None], kernel_size=kernel, stride=1, padding=pad)[0]
+    return out.clone() if out is data else (out if kind == "max" else -out)
+
+
+def _antialias(data: torch.Tensor, volume: Volume, profile: PreprocessProfile) -> torch.Tensor:
+    """Gaussian low-pass (sigma = half the downsampling factor - 1, in voxels) per source axis."""
+    sigmas = [max(0.0, 0.5 * (ratio - 1.0)) for ratio in _footprint(volume, profile)]
     if max(sigmas) < 0.25:
         return data
     if data.device.type == "cpu":  # scipy filters float32 in place, ~10x faster than a conv here

@@ -31,6 +31,16 @@ class PreprocessProfile:
     # Gaussian pre-filter when downsampling, so a 0.7 mm scan and a 2.5 mm scan look alike
     # on a coarse grid. Off for the published families: their recipes have none.
     antialias: bool = False
+    # Extra input channels after the windowed HU channel, each ("mean" | "max" | "min", lo_hu,
+    # hi_hu), windowed to lo..hi.  "mean" is channel 0 under another window (a lung window
+    # makes a 100 HU density change four times more salient); "max"/"min" pass the HU
+    # through a running max (min) over one target voxel's footprint before resampling, so
+    # a 2 mm calcification or a metal clip keeps its true HU on a 4 mm grid.
+    channels: tuple[tuple[str, float, float], ...] = ()
+
+    @property
+    def n_channels(self) -> int:
+        return 1 + len(self.channels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -38,11 +48,18 @@ class PreprocessProfile:
     @classmethod
     def from_dict(cls, data: dict) -> "PreprocessProfile":
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if "channels" in fields:
+            fields["channels"] = tuple((str(c[0]), float(c[1]), float(c[2])) for c in fields["channels"])
         return cls(**fields)
 
 
 # The demo model: coarse enough to train on a 2-core CPU, fine enough for 1 cm lesions.
-DEMO = PreprocessProfile(name="medalign-demo", spacing=(4.0, 4.0, 5.0), size=(96, 96, 64), antialias=True)
+# Extra channels: a lung window (emphysema, mosaic attenuation, ground glass) and a running
+# max over 150..2000 HU (calcifications, metal).
+DEMO = PreprocessProfile(
+    name="medalign-demo-2", spacing=(4.0, 4.0, 5.0), size=(96, 96, 64), antialias=True,
+    channels=(("mean", -1000.0, -500.0), ("max", 150.0, 2000.0)),
+)
 
 # BrgSA (public code): 1.5 x 1.5 x 3 mm, 256 x 256 x 128, pad -1024, clamp [-1000, 1000],
 # scale to [-1, 1], then normalise with mean 0.4978, std 0.2449.

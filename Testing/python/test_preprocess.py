@@ -60,7 +60,7 @@ def test_output_shape_dtype_and_range_per_profile(profile):
     vol = volume_with_blob(np.diag([-1.0, -1.0, 1.0]), (0, 0, 0), shape_ijk=(24, 24, 12), spacing=(4.0, 4.0, 6.0))
     prepared = prepare(vol, profile)
     assert isinstance(prepared, PreparedImage)
-    assert tuple(prepared.tensor.shape) == (1, 1, *profile.size)
+    assert tuple(prepared.tensor.shape) == (1, profile.n_channels, *profile.size)
     assert prepared.tensor.dtype == torch.float32
     assert prepared.grid_to_ras.shape == (4, 4) and prepared.grid_to_ras.dtype == np.float64
     assert prepared.source_shape_ijk == (24, 24, 12)

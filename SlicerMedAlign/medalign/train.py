@@ -31,6 +31,7 @@ from .datasets import Case, load_cohort
 from .errors import InputError
 from .models.base import ImageFeatures
 from .models.medalign_model import MedAlignConfig, MedAlignModel, build_text_encoder, save_checkpoint
+from .parallel import default_workers
 
 # Training wording: disjoint from the inference templates (models.medalign_model.PROMPT_TEMPLATES)
 # and from the knowledge base's negation templates, so evaluation measures unseen wordings.
@@ -77,6 +78,7 @@ class TrainConfig:
     device: str = "auto"
     cache: Path | None = None
     findings: list[str] | None = None
+    workers: int | None = 1  # preprocessing processes (None: every core, shared among torchrun ranks)
     model_config: MedAlignConfig = field(default_factory=MedAlignConfig)
 
 
@@ -123,68 +125,103 @@ class PreparedCohort:
     the dense token-text loss.
     """
 
-    def __init__(self, cases: list[Case], profile, token_stride: int, cache: Path | None, progress: bool) -> None:
+    def __init__(self, cases: list[Case], profile, token_stride: int, cache: Path | None, progress: bool,
+                 workers: int | None = 1) -> None:
         from tqdm import tqdm
+
+        from .parallel import ordered_map
 
         self.cases = cases
         self.images: list[torch.Tensor] = []
         self.token_masks: list[torch.Tensor | None] = []
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
-        for case in tqdm(cases, desc="preprocessing", disable=not progress, unit="ct"):
-            cached = cache / f"{case.case_id}.{profile.name}.s{token_stride}.pt" if cache is not None else None
-            if cached is not None and cached.is_file():
-                item = torch.load(cached, weights_only=True)
-            else:
-                item = self._prepare(case, profile, token_stride)
-                if cached is not None:  # per-process temp name: torchrun ranks may race on a case
-                    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-                    torch.save(item, tmp)
-                    os.replace(tmp, cached)
+        key = cache_key(profile, token_stride)
+        jobs = [(case, profile, token_stride, cache / f"{case.case_id}.{key}.pt" if cache is not None else None)
+                for case in cases]
+        for item in tqdm(ordered_map(_prepared_item, jobs, workers), total=len(jobs), desc="preprocessing",
+                         disable=not progress, unit="ct"):
             self.images.append(item["image"])
             self.token_masks.append(item.get("tokens"))
-
-    @staticmethod
-    def _prepare(case: Case, profile, stride: int) -> dict[str, torch.Tensor]:
-        from .io import read_volume
-        from .preprocess import prepare
-
-        prepared = prepare(read_volume(case.volume_path), profile)
-        item = {"image": prepared.tensor[0].to(torch.float16).contiguous()}
-        if case.mask_path is not None:
-            item["tokens"] = token_mask(read_volume(case.mask_path), prepared.grid_to_ras, profile.size, stride)
-        return item
 
     def __len__(self) -> int:
         return len(self.cases)
 
 
+# Bump when token_mask's meaning changes, so caches made by older code are not reused.
+TOKEN_MASK_VERSION = 2
+
+
+def cache_key(profile, stride: int) -> str:
+    """Cache file tag: changes whenever the profile, the token stride or the mask rule does."""
+    import hashlib
+    import json
+
+    blob = json.dumps([profile.to_dict(), int(stride), TOKEN_MASK_VERSION], sort_keys=True)
+    return f"{profile.name}.{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _prepared_item(job: tuple) -> dict[str, torch.Tensor]:
+    """One case on the model grid (float16) plus its token mask; read from or written to the cache."""
+    from .io import read_volume
+    from .preprocess import prepare
+
+    case, profile, stride, cached = job
+    if cached is not None and cached.is_file():
+        return torch.load(cached, weights_only=True)
+    prepared = prepare(read_volume(case.volume_path), profile)
+    item = {"image": prepared.tensor[0].to(torch.float16).contiguous()}
+    if case.mask_path is not None:
+        item["tokens"] = token_mask(read_volume(case.mask_path), prepared.grid_to_ras, profile.size, stride)
+    if cached is not None:  # per-process temp name: torchrun ranks and workers may race on a case
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(item, tmp)
+        os.replace(tmp, cached)
+    return item
+
+
 def token_mask(mask, grid_to_ras: np.ndarray, size: tuple[int, int, int], stride: int) -> torch.Tensor:
-    """(X', Y', Z') int32 bitmask of a lesion mask on the local-token grid of a model grid."""
-    grid = [n // stride for n in size]
-    sub = (np.arange(2) + 0.5) * stride / 2 - 0.5  # two sub-sample offsets per axis, in model voxels
-    axes = [(np.arange(g)[:, None] * stride + sub[None, :]).ravel() for g in grid]
-    xyz = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
-    ras = xyz @ grid_to_ras[:3, :3].T + grid_to_ras[:3, 3]
-    ijk = np.round(mask.ras_to_ijk_points(ras)).astype(np.int64)
-    shape = mask.array.shape  # [k, j, i]
-    inside = np.all((ijk >= 0) & (ijk < np.array([shape[2], shape[1], shape[0]])), axis=1)
-    bits = np.zeros(len(ijk), dtype=np.int64)
-    bits[inside] = mask.array[ijk[inside, 2], ijk[inside, 1], ijk[inside, 0]]
-    bits = bits.reshape(grid[0], 2, grid[1], 2, grid[2], 2)
-    out = np.bitwise_or.reduce(np.bitwise_or.reduce(np.bitwise_or.reduce(bits, axis=5), axis=3), axis=1)
-    return torch.from_numpy(out.astype(np.int32))
+    """(X', Y', Z') int32 bitmask of a lesion mask on the local-token grid of a model grid.
+
+    Every lesion voxel is carried to the token it falls in, so a 2 mm calcification marks
+    its 16 mm token (point sampling at token resolution would miss most of them)."""
+    grid = np.array([n // stride for n in size])
+    values = mask.array
+    k, j, i = np.nonzero(values)
+    out = np.zeros(int(np.prod(grid)), dtype=np.int64)
+    if len(k) == 0:
+        return torch.from_numpy(out.reshape(*grid).astype(np.int32))
+    bits = values[k, j, i].astype(np.int64)
+    ras = np.stack([i, j, k], axis=1).astype(np.float64) @ mask.ijk_to_ras[:3, :3].T + mask.ijk_to_ras[:3, 3]
+    to_grid = np.linalg.inv(grid_to_ras)
+    xyz = ras @ to_grid[:3, :3].T + to_grid[:3, 3]
+    # model voxel n spans [n - 0.5, n + 0.5); token a holds voxels a*stride .. (a+1)*stride - 1
+    tok = np.floor((xyz + 0.5) / stride).astype(np.int64)
+    inside = np.all((tok >= 0) & (tok < grid), axis=1)
+    lin = np.ravel_multi_index(tuple(tok[inside].T), tuple(grid))
+    bits = bits[inside]
+    for bit in range(int(bits.max()).bit_length() if len(bits) else 0):
+        hit = ((bits >> bit) & 1).astype(bool)
+        if hit.any():
+            out[np.bincount(lin[hit], minlength=len(out)) > 0] |= 1 << bit
+    return torch.from_numpy(out.reshape(*grid).astype(np.int32))
 
 
-def _augment(x: torch.Tensor, tokens: torch.Tensor | None, stride: int, gen: torch.Generator):
-    """Cheap, label-preserving jitter: a shift by whole tokens (so token masks shift with the
-    image) and a small intensity change."""
-    steps = [int(v) for v in torch.randint(-1, 2, (3,), generator=gen)]
-    x = torch.roll(x, shifts=[s * stride for s in steps], dims=(-3, -2, -1))
-    if tokens is not None:
-        tokens = torch.roll(tokens, shifts=steps, dims=(-3, -2, -1))
-    scale = 1.0 + 0.05 * (torch.rand(1, generator=gen).item() - 0.5)
-    return x * scale + 0.02 * torch.randn(x.shape, generator=gen), tokens
+def _augment(images: list[torch.Tensor], tokens: list[torch.Tensor | None], stride: int, gen: torch.Generator,
+             device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Cheap, label-preserving jitter of a batch, on ``device``: a shift by whole tokens (so
+    token masks shift with the image) and a small intensity change.  Every random choice
+    comes from ``gen`` (the noise through a seed drawn from it), so runs are reproducible
+    and resumable on any device."""
+    out, shifted = [], []
+    for x, t in zip(images, tokens):
+        steps = [int(v) for v in torch.randint(-1, 2, (3,), generator=gen)]
+        scale = 1.0 + 0.05 * (torch.rand(1, generator=gen).item() - 0.5)
+        out.append(torch.roll(x.to(device).float(), shifts=[s * stride for s in steps], dims=(-3, -2, -1)) * scale)
+        shifted.append(torch.roll(t, shifts=steps, dims=(-3, -2, -1)) if t is not None else None)
+    x = torch.stack(out)
+    noise_gen = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    return x.add_(torch.randn(x.shape, generator=noise_gen, device=device), alpha=0.02), shifted
 
 
 def resolve_labels(cases: list[Case], findings: list[str]) -> torch.Tensor:
@@ -243,8 +280,10 @@ def local_alignment_loss(model, feats, t_pos: torch.Tensor, t_neg: torch.Tensor,
                          finding_bits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Dense token-text loss where lesion masks exist: tokens inside lesion f choose the
     "f present" prompt over "f absent"; every other token of a labelled finding chooses
-    "absent".  Positive and negative tokens are averaged separately (lesions are small).
-    Cases without a mask contribute nothing, so cohorts of CTs + reports train as before."""
+    "absent".  Each finding's positive and negative tokens are averaged separately, then
+    over findings: a 2 mm calcification's one token weighs as much as an effusion's
+    hundreds.  Cases without a mask contribute nothing, so cohorts of CTs + reports train
+    as before."""
     have = [i for i, m in enumerate(token_masks) if m is not None]
     if not have:
         return feats.global_latent.sum() * 0
@@ -258,10 +297,16 @@ def local_alignment_loss(model, feats, t_pos: torch.Tensor, t_neg: torch.Tensor,
     labelled = (y[have] >= 0)[:, :, None, None, None] & (finding_bits >= 0).to(tl.device)[None, :, None, None, None]
     ce = F.cross_entropy(pair.reshape(-1, 2), (~inside).long().reshape(-1), reduction="none").reshape(inside.shape)
     pos, neg = inside & labelled, ~inside & labelled
-    loss = ce[neg].mean() if neg.any() else ce.sum() * 0
-    if pos.any():
-        loss = (loss + ce[pos].mean()) / 2
-    return loss
+
+    def per_finding_mean(sel: torch.Tensor) -> torch.Tensor:
+        count = sel.sum(dim=(0, 2, 3, 4))
+        total = (ce * sel).sum(dim=(0, 2, 3, 4))
+        have_any = count > 0
+        return (total[have_any] / count[have_any]).mean() if have_any.any() else ce.sum() * 0
+
+    if not pos.any():
+        return per_finding_mean(neg)
+    return (per_finding_mean(pos) + per_finding_mean(neg)) / 2
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -299,7 +344,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     model = MedAlignModel(cfg.model_config).to(device)
     text_encoder = build_text_encoder(None, cfg.model_config)
     stride = model.patch_size[0]
-    cohort = PreparedCohort(cases, cfg.model_config.profile, stride, cfg.cache, progress and rank == 0)
+    workers = cfg.workers if cfg.workers is not None else max(1, default_workers() // world)
+    cohort = PreparedCohort(cases, cfg.model_config.profile, stride, cfg.cache, progress and rank == 0, workers)
     finding_bits = torch.tensor([CT_RATE_FINDINGS.index(f) if f in CT_RATE_FINDINGS else -1 for f in findings])
 
     # Cached frozen-text embeddings: finding sentences and report sentences.
@@ -355,8 +401,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     for step in bar:
         pick = torch.randint(0, len(indices), (cfg.batch_size,), generator=gen)
         idx = [indices[int(i)] for i in pick]
-        pairs = [_augment(cohort.images[i].float(), cohort.token_masks[i], stride, gen) for i in idx]
-        x = torch.stack([p[0] for p in pairs]).to(device)
+        x, token_masks = _augment([cohort.images[i] for i in idx], [cohort.token_masks[i] for i in idx], stride, gen, device)
         y = labels[idx].to(device)  # (B, F)
         g, tokens = net(x)
         feats = ImageFeatures(global_latent=g, tokens=tokens)
@@ -371,7 +416,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         known = y >= 0
         target = (1 - y).clamp(0, 1)  # class 0 = present, class 1 = absent
         loss_find = F.cross_entropy(pair[known], target[known]) if known.any() else logits.sum() * 0
-        loss_local = local_alignment_loss(model, feats, t_pos, t_neg, [p[1] for p in pairs], finding_bits, y)
+        loss_local = local_alignment_loss(model, feats, t_pos, t_neg, token_masks, finding_bits, y)
 
         # image-report contrastive + BrgSA bank losses
         v = F.normalize(feats.global_latent, dim=-1)

@@ -23,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--cache", type=Path, default=None, help="folder for preprocessed tensors (reused across runs)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes preprocessing the volumes (default: every core); training does not depend on it")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint and its state exist")
     p.set_defaults(func=run)
 
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        device=args.device, cache=args.cache, resume=not args.no_resume, val_data=args.val_data,
+        device=args.device, cache=args.cache, workers=args.workers, resume=not args.no_resume, val_data=args.val_data,
     )
     path = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and calibrates

@@ -57,7 +57,8 @@ class MedAlignConfig:
     bank_size: int = 256
     text_dim: int = 384
     text_encoder: str = "all-MiniLM-L6-v2"
-    lse_beta: float = 10.0
+    # near-max pooling: one 16 mm token of lesion must be able to carry the image-level score
+    lse_beta: float = 50.0
     logit_scale: float = 10.0  # initial value; learned
     profile: PreprocessProfile = DEMO
     prompt_templates: dict = field(default_factory=lambda: {k: list(v) for k, v in PROMPT_TEMPLATES.items()})
@@ -91,7 +92,7 @@ class MedAlignModel(ScreeningModel):
         self.cfg = cfg
         self.profile = cfg.profile
         self.prompt_templates = cfg.prompt_templates
-        chans = (1, *cfg.stem_channels)
+        chans = (cfg.profile.n_channels, *cfg.stem_channels)
         self.stem = nn.ModuleList(_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
         c2 = cfg.stem_channels[1]
         self.vit = ViT3D(cfg.vit)

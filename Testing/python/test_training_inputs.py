@@ -1,0 +1,169 @@
+"""What the demo model is trained on: extra input channels, token masks, the balanced dense
+loss, cache keys and the parallel data steps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from medalign.errors import InputError
+from medalign.models.base import ImageFeatures
+from medalign.preprocess import prepare
+from medalign.profiles import DEMO, PreprocessProfile
+from medalign.volume import Volume
+
+SOURCE_SPACING = (0.8, 0.8, 1.25)  # a thin-slice scan: one 4 x 4 x 5 mm voxel holds 5 x 5 x 4 of these
+
+
+def _scan(shape_kji=(64, 120, 120), background=40.0) -> Volume:
+    affine = np.diag([-SOURCE_SPACING[0], -SOURCE_SPACING[1], SOURCE_SPACING[2], 1.0])
+    return Volume(np.full(shape_kji, background, dtype=np.float32), affine)
+
+
+def _profile(channels) -> PreprocessProfile:
+    return dataclasses.replace(DEMO, size=(24, 24, 16), channels=channels)
+
+
+def _peak(prepared, channel: int) -> float:
+    return float(prepared.tensor[0, channel].max())
+
+
+def test_max_channel_keeps_a_2mm_calcification_that_averaging_erases():
+    vol = _scan()
+    vol.array[32:34, 60:62, 60:62] = 800.0  # about 1.6 x 1.6 x 2.5 mm at 800 HU in soft tissue
+    prepared = prepare(vol, _profile((("max", 150.0, 2000.0),)))
+    assert prepared.tensor.shape[1] == 2
+    lo, hi = 150.0, 2000.0
+    expected = -1.0 + 2.0 * (800.0 - lo) / (hi - lo)
+    assert _peak(prepared, 1) == pytest.approx(expected, abs=0.05)  # the true HU survives
+    # channel 0 (antialiased mean, window -1000..1000) keeps only a faint trace of it
+    assert _peak(prepared, 0) < (100.0 + 1000.0) / 1000.0 - 1.0
+    # soft tissue is below the max window: the floor
+    assert float(prepared.tensor[0, 1, 2, 2, 2]) == pytest.approx(-1.0)
+
+
+def test_min_channel_keeps_a_small_air_pocket():
+    vol = _scan()
+    vol.array[32:34, 60:62, 60:62] = -950.0
+    prepared = prepare(vol, _profile((("min", -1000.0, 100.0),)))
+    assert float(prepared.tensor[0, 1].min()) == pytest.approx(-1.0 + 2.0 * 50.0 / 1100.0, abs=0.05)
+
+
+def test_mean_channel_is_channel_zero_under_another_window():
+    vol = _scan(background=-850.0)
+    prepared = prepare(vol, _profile((("mean", -1000.0, -500.0),)))
+    centre = prepared.tensor[0, :, 12, 12, 8]
+    assert float(centre[0]) == pytest.approx(-0.85, abs=0.01)
+    assert float(centre[1]) == pytest.approx(-1.0 + 2.0 * 150.0 / 500.0, abs=0.02)  # 4x the contrast
+
+
+def test_unknown_reducer_is_one_sentence():
+    with pytest.raises(InputError, match="Unknown channel reducer 'median'"):
+        prepare(_scan(), _profile((("median", 0.0, 100.0),)))
+
+
+def test_profile_channels_survive_a_json_round_trip_and_old_profiles_have_none():
+    import json
+
+    back = PreprocessProfile.from_dict(json.loads(json.dumps(DEMO.to_dict())))
+    assert back == DEMO and back.n_channels == 3
+    old = {k: v for k, v in DEMO.to_dict().items() if k != "channels"}  # as written by version 1 checkpoints
+    assert PreprocessProfile.from_dict(old).n_channels == 1
+
+
+# ------------------------------------------------------------------ token masks
+def test_token_mask_marks_the_token_of_a_single_voxel_lesion():
+    from medalign.train import token_mask
+
+    size, stride = (24, 24, 16), 4
+    grid_to_ras = np.diag([2.0, 2.0, 2.0, 1.0])  # model voxel (x, y, z) sits at 2 * (x, y, z) mm
+    mask = Volume(np.zeros((32, 48, 48), dtype=np.int32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    mask.array[20, 30, 10] |= 1 << 9  # one 1 mm voxel at RAS (10, 30, 20) -> model voxel (5, 15, 10)
+    mask.array[:, :, 40:] |= 1 << 2  # a slab from RAS x = 40 mm -> model x >= 20 -> tokens x >= 5
+    tokens = token_mask(mask, grid_to_ras, size, stride).numpy()
+    assert tokens.shape == (6, 6, 4)
+    hit = np.argwhere((tokens >> 9) & 1)
+    assert hit.tolist() == [[1, 3, 2]]
+    slab = (tokens >> 2) & 1
+    assert slab[:5].sum() == 0 and slab[5:].all()
+
+
+def test_token_mask_of_an_empty_mask_is_empty():
+    from medalign.train import token_mask
+
+    mask = Volume(np.zeros((8, 8, 8), dtype=np.int32), np.eye(4))
+    assert not token_mask(mask, np.eye(4), (8, 8, 8), 4).any()
+
+
+def test_cache_key_follows_profile_and_stride():
+    from medalign.train import cache_key
+
+    assert cache_key(DEMO, 4) == cache_key(DEMO, 4)
+    assert cache_key(DEMO, 4) != cache_key(DEMO, 2)
+    assert cache_key(DEMO, 4) != cache_key(dataclasses.replace(DEMO, channels=()), 4)
+
+
+# ------------------------------------------------------------------ dense loss
+class _FixedTokenLogits:
+    """Stands in for the model: token_logits returns preset (b, 2F, X, Y, Z) values."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def token_logits(self, feats, text):
+        return self.logits
+
+
+def test_dense_loss_weighs_each_finding_equally():
+    from medalign.train import local_alignment_loss
+
+    n_f, grid = 2, (4, 4, 1)
+    pos_logit = torch.zeros(1, n_f, *grid)
+    neg_logit = torch.zeros(1, n_f, *grid)
+    masks = torch.zeros(*grid, dtype=torch.int32)
+    masks[0, 0, 0] |= 1  # finding 0: one lesion token ...
+    neg_logit[0, 0, 0, 0, 0] = 3.0  # ... which the model calls absent (a large loss)
+    masks[:, :2] |= 2  # finding 1: eight lesion tokens, all called present
+    pos_logit[0, 1, :, :2] = 3.0
+    pos_logit[0, 1, :, 2:] = -3.0  # and its other tokens called absent
+    pos_logit[0, 0, 1:] = -3.0
+    pos_logit[0, 0, 0, 1:] = -3.0
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    feats = ImageFeatures(torch.zeros(1, 4), torch.zeros(1, *grid, 4))
+    y = torch.tensor([[1, 1]])
+    loss = local_alignment_loss(_FixedTokenLogits(logits), feats, torch.zeros(n_f, 4), torch.zeros(n_f, 4),
+                                [masks], torch.tensor([0, 1]), y)
+
+    def ce(present: float, absent: float, target_present: bool) -> float:
+        p = torch.log_softmax(torch.tensor([float(present), float(absent)]), 0)
+        return float(-p[0 if target_present else 1])
+
+    pos = (ce(0, 3, True) + ce(3, 0, True)) / 2  # per finding, then over findings
+    neg = (ce(-3, 0, False) + ce(-3, 0, False)) / 2
+    assert float(loss) == pytest.approx((pos + neg) / 2, rel=1e-5)
+
+
+# ------------------------------------------------------------------ parallel data steps
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_ordered_map_keeps_order_and_checks_workers():
+    from medalign.parallel import ordered_map
+
+    assert list(ordered_map(_square, range(7), workers=2)) == [x * x for x in range(7)]
+    assert list(ordered_map(_square, [3], workers=4)) == [9]
+    with pytest.raises(InputError, match="at least 1"):
+        list(ordered_map(_square, range(3), workers=0))
+
+
+def test_phantoms_do_not_depend_on_the_number_of_workers(tmp_path):
+    from medalign.phantoms import write_dataset
+
+    one = write_dataset(tmp_path / "one", 3, seed=11, progress=False, workers=1)
+    two = write_dataset(tmp_path / "two", 3, seed=11, progress=False, workers=2)
+    for rel in ["labels.csv", "reports.csv", "volumes/phantom_11_00002.nii.gz", "masks/phantom_11_00001.nii.gz"]:
+        assert (one / rel).read_bytes() == (two / rel).read_bytes(), rel

@@ -541,6 +541,10 @@ def label_report(
     return labels
 
 
+# case-id columns of CT-RATE style CSVs, as medalign.datasets reads them
+ID_COLUMNS = ("VolumeName", "AccessionNo")
+
+
 def label_reports_csv(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -548,7 +552,10 @@ def label_reports_csv(
     id_column: str | None = None,
     findings: Sequence[str] = CT_RATE_FINDINGS,
 ) -> Path:
-    """Label every report of a CSV; writes ``id column + one 0/1 column per finding`` atomically."""
+    """Label every report of a CSV; writes ``id column + one 0/1 column per finding`` atomically.
+
+    Without ``id_column`` the first of ``ID_COLUMNS`` the file has is kept, so the output
+    of a cohort's reports.csv is a labels.csv that ``medalign eval`` and training read."""
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise InputError(f"Reports file {src} does not exist.")
@@ -560,6 +567,8 @@ def label_reports_csv(
                 raise InputError(f"Reports file {src.name} has no column {text_column!r} (columns: {', '.join(columns) or 'none'}).")
             if id_column is not None and id_column not in columns:
                 raise InputError(f"Reports file {src.name} has no id column {id_column!r} (columns: {', '.join(columns)}).")
+            if id_column is None:  # keep the case id a cohort's labels.csv is matched by
+                id_column = next((c for c in ID_COLUMNS if c in columns), None)
             rows = list(reader)
     except UnicodeDecodeError as exc:
         raise InputError(f"Reports file {src.name} is not UTF-8 text.") from exc

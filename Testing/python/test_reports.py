@@ -224,6 +224,28 @@ def test_label_reports_csv_writes_id_and_18_columns(tmp_path):
     assert stat.S_IMODE(dst.stat().st_mode) == 0o666 & ~umask  # an ordinary file, not mkstemp's 0600
 
 
+def test_labels_of_a_cohorts_reports_are_read_back_by_the_cohort_loader(tmp_path):
+    """`medalign label-reports cohort/reports.csv --out cohort/labels.csv` makes a cohort
+    that `medalign eval` and `medalign train` can use: the case id column is kept."""
+    from helpers import synthetic_ct
+    from medalign.datasets import load_cohort
+    from medalign.io import write_volume
+
+    root = tmp_path / "cohort"
+    (root / "volumes").mkdir(parents=True)
+    with (root / "reports.csv").open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["VolumeName", "report_text"])
+        w.writerow(["case_a.nii.gz", "Heart size increased. No pleural effusion."])
+        w.writerow(["case_b.nii.gz", "Bilateral pleural effusion."])
+    for name in ("case_a", "case_b"):
+        write_volume(synthetic_ct(shape_kji=(8, 16, 16)), root / "volumes" / f"{name}.nii.gz")
+    label_reports_csv(root / "reports.csv", root / "labels.csv")
+    cases = {c.case_id: c for c in load_cohort(root)}
+    assert cases["case_a"].labels["Cardiomegaly"] == 1 and cases["case_a"].labels["Pleural effusion"] == 0
+    assert cases["case_b"].labels["Pleural effusion"] == 1
+
+
 def test_label_reports_csv_bad_inputs(tmp_path):
     src = _write_reports(tmp_path / "reports.csv")
     with pytest.raises(InputError, match="no column 'text'"):
@@ -245,7 +267,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     lt = tmp_path / "lt.csv"
     assert cli_main(["label-reports", str(src), "--out", str(lt), "--findings", "ct-rate-lt"]) == 0
     with lt.open(newline="") as fh:
-        assert list(csv.DictReader(fh).fieldnames) == CT_RATE_LT_FINDINGS
+        assert list(csv.DictReader(fh).fieldnames) == ["AccessionNo", *CT_RATE_LT_FINDINGS]  # id kept by default
     assert cli_main(["label-reports", str(src), "--out", str(out), "--text-column", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no column 'nope'" in err[0]
@@ -262,5 +284,5 @@ def test_console_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     with out.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["Lung opacity", "Medical material"]
+    assert list(rows[0]) == ["AccessionNo", "Lung opacity", "Medical material"]
     assert [r["Medical material"] for r in rows] == ["0", "1", "0"]

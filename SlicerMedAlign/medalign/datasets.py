@@ -39,6 +39,16 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+# Columns naming the case in reports.csv / labels.csv (CT-RATE uses either), first wins.
+ID_COLUMNS = ("VolumeName", "AccessionNo")
+
+
+def _case_id(row: dict[str, str]) -> str:
+    """The row's case id; the id columns are removed so only finding columns remain."""
+    ids = [row.pop(c, "") or "" for c in ID_COLUMNS]
+    return _strip_suffix(next((v for v in ids if v), ""))
+
+
 def load_cohort(folder: str | Path, require_reports: bool = False) -> list[Case]:
     """List a cohort's cases in a stable order; clear errors for a malformed folder."""
     root = Path(folder)
@@ -54,13 +64,13 @@ def load_cohort(folder: str | Path, require_reports: bool = False) -> list[Case]
     reports = {}
     if (root / "reports.csv").is_file():
         for row in _read_csv(root / "reports.csv"):
-            reports[_strip_suffix(row.get("VolumeName") or row.get("AccessionNo") or "")] = row.get("report_text", "")
+            reports[_case_id(row)] = row.get("report_text", "")
     elif require_reports:
         raise InputError(f"{root} has no reports.csv (columns VolumeName, report_text).")
     labels = {}
     if (root / "labels.csv").is_file():
         for row in _read_csv(root / "labels.csv"):
-            key = _strip_suffix(row.pop("VolumeName", "") or row.pop("AccessionNo", ""))
+            key = _case_id(row)
             labels[key] = {k: int(float(v)) for k, v in row.items() if v not in ("", None)}
     cases = []
     for cid, path in volumes.items():

@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .errors import InputError, MedAlignError
+
 
 def default_workers() -> int:
     """Every core this process may use (respects CPU affinity, e.g. in containers)."""
@@ -39,15 +41,12 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int | N
     items = list(items)
     workers = default_workers() if workers is None else int(workers)
     if workers < 1:
-        from .errors import InputError
-
         raise InputError(f"The number of workers must be at least 1, not {workers}.")
     if workers == 1 or len(items) <= 1:
         yield from map(fn, items)
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-
     from concurrent.futures.process import BrokenProcessPool
 
     try:
@@ -55,8 +54,6 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int | N
                                  initializer=_single_threaded) as pool:
             yield from pool.map(fn, items, chunksize=1)
     except BrokenProcessPool:
-        from .errors import MedAlignError
-
         raise MedAlignError(
             "A worker process died (out of memory, or a script without an `if __name__ == \"__main__\":` guard "
             "re-ran itself in each worker); retry with workers=1 (--workers 1)."

@@ -43,6 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from .datasets import ID_COLUMNS
 from .errors import InputError, MedAlignError
 from .knowledge import CT_RATE_FINDINGS, FindingKnowledge, load_knowledge
 
@@ -539,10 +540,6 @@ def label_report(
             continue
         labels[m.finding] = 1
     return labels
-
-
-# case-id columns of CT-RATE style CSVs, as medalign.datasets reads them
-ID_COLUMNS = ("VolumeName", "AccessionNo")
 
 
 def label_reports_csv(

@@ -71,6 +71,7 @@ class TrainConfig:
     seed: int = 0
     clip_weight: float = 0.25
     local_weight: float = 1.0
+    prior_negatives: bool = True  # weigh lesion-free tokens by where lesions usually are (lesion_prior)
     mse_weight: float = 0.5
     val_data: Path | None = None
     resume: bool = True
@@ -276,37 +277,77 @@ def warm_up_text_projection(model: MedAlignModel, pos_raw: list[torch.Tensor], n
     return float(loss.detach())
 
 
+def _token_targets(model, feats, t_pos: torch.Tensor, t_neg: torch.Tensor, token_masks: list,
+                   finding_bits: torch.Tensor, y: torch.Tensor):
+    """Per-token "present minus absent" logit margins of the cases that have a lesion mask,
+    with which tokens lie in each finding's lesion and which findings are labelled.
+    Shapes (b, F, X', Y', Z'); None when no case of the batch has a mask."""
+    have = [i for i, m in enumerate(token_masks) if m is not None]
+    if not have:
+        return None
+    sub = ImageFeatures(feats.global_latent[have], feats.tokens[have])
+    n_f = len(t_pos)
+    tl = model.token_logits(sub, torch.cat([t_pos, t_neg]))  # (b, 2F, X', Y', Z')
+    margin = tl[:, :n_f] - tl[:, n_f:]
+    masks = torch.stack([token_masks[i] for i in have]).to(tl.device).long()  # (b, X', Y', Z')
+    bits = finding_bits.to(tl.device).clamp_min(0)
+    inside = ((masks[:, None] >> bits[None, :, None, None, None]) & 1).bool()
+    labelled = (y[have] >= 0)[:, :, None, None, None] & (finding_bits >= 0).to(tl.device)[None, :, None, None, None]
+    return margin, inside & labelled, ~inside & labelled
+
+
+def _per_finding_mean(loss: torch.Tensor, sel: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Mean of ``loss`` weighted by ``sel`` (a mask or weights) within each finding (dim 1),
+    then over the findings that have any weight."""
+    count = sel.sum(dim=dims)
+    total = (loss * sel).sum(dim=dims)
+    have_any = count > 0
+    return (total[have_any] / count[have_any]).mean() if have_any.any() else loss.sum() * 0
+
+
+def lesion_prior(token_masks: list, finding_bits: torch.Tensor) -> torch.Tensor | None:
+    """(F, X', Y', Z') how often each token holds lesion f across the cohort, widened by one
+    token (the augmentation shifts by up to one): where a finding is found when it is
+    present.  None when no case has a mask."""
+    masks = [m for m in token_masks if m is not None]
+    if not masks:
+        return None
+    bits = finding_bits.clamp_min(0)
+    freq = torch.zeros(len(bits), *masks[0].shape)
+    for m in masks:
+        freq += ((m.long()[None] >> bits[:, None, None, None]) & 1).float()
+    freq = F.max_pool3d(freq[None], kernel_size=3, stride=1, padding=1)[0] / len(masks)
+    return freq * (finding_bits >= 0).float()[:, None, None, None]
+
+
 def local_alignment_loss(model, feats, t_pos: torch.Tensor, t_neg: torch.Tensor, token_masks: list,
-                         finding_bits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                         finding_bits: torch.Tensor, y: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
     """Dense token-text loss where lesion masks exist: tokens inside lesion f choose the
     "f present" prompt over "f absent"; every other token of a labelled finding chooses
     "absent".  Each finding's positive and negative tokens are averaged separately, then
     over findings: a 2 mm calcification's one token weighs as much as an effusion's
     hundreds.  Cases without a mask contribute nothing, so cohorts of CTs + reports train
-    as before."""
-    have = [i for i, m in enumerate(token_masks) if m is not None]
-    if not have:
+    as before.
+
+    With ``prior`` (see ``lesion_prior``) half of the negative term is weighted by it:
+    lesion-free tokens where lesions usually sit (the aortic wall for calcification) then
+    weigh as much as the lesion tokens.  Without it a uniform average over all lesion-free
+    tokens is met by a location prior: measured on the v2 demo model, token AUC within
+    positive cases 0.98 but case AUC 0.52-0.58 for both calcifications."""
+    targets = _token_targets(model, feats, t_pos, t_neg, token_masks, finding_bits, y)
+    if targets is None:
         return feats.global_latent.sum() * 0
-    sub = ImageFeatures(feats.global_latent[have], feats.tokens[have])
-    n_f = len(t_pos)
-    tl = model.token_logits(sub, torch.cat([t_pos, t_neg]))  # (b, 2F, X', Y', Z')
-    pair = torch.stack([tl[:, :n_f], tl[:, n_f:]], dim=-1)  # (b, F, X', Y', Z', 2)
-    masks = torch.stack([token_masks[i] for i in have]).to(tl.device).long()  # (b, X', Y', Z')
-    bits = finding_bits.to(tl.device).clamp_min(0)
-    inside = ((masks[:, None] >> bits[None, :, None, None, None]) & 1).bool()  # (b, F, X', Y', Z')
-    labelled = (y[have] >= 0)[:, :, None, None, None] & (finding_bits >= 0).to(tl.device)[None, :, None, None, None]
-    ce = F.cross_entropy(pair.reshape(-1, 2), (~inside).long().reshape(-1), reduction="none").reshape(inside.shape)
-    pos, neg = inside & labelled, ~inside & labelled
-
-    def per_finding_mean(sel: torch.Tensor) -> torch.Tensor:
-        count = sel.sum(dim=(0, 2, 3, 4))
-        total = (ce * sel).sum(dim=(0, 2, 3, 4))
-        have_any = count > 0
-        return (total[have_any] / count[have_any]).mean() if have_any.any() else ce.sum() * 0
-
+    margin, pos, neg = targets
+    dims = (0, 2, 3, 4)
+    # two-way cross-entropy over (present, absent) == softplus of the signed margin
+    absent_loss = F.softplus(margin)
+    dense_neg = _per_finding_mean(absent_loss, neg, dims)
+    if prior is not None:
+        w = prior.to(margin.device)[None] * neg
+        dense_neg = (dense_neg + _per_finding_mean(absent_loss, w, dims)) / 2
     if not pos.any():
-        return per_finding_mean(neg)
-    return (per_finding_mean(pos) + per_finding_mean(neg)) / 2
+        return dense_neg
+    return (_per_finding_mean(F.softplus(-margin), pos, dims) + dense_neg) / 2
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
@@ -342,11 +383,15 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     labels = labels[:, keep]
 
     model = MedAlignModel(cfg.model_config).to(device)
+    # NDHWC convolutions: measured 1.25 -> 0.93 s per forward+backward of a batch of 8 on 2 CPU cores
+    layout = torch.channels_last_3d if device.type == "cpu" else torch.contiguous_format
+    model.to(memory_format=layout)
     text_encoder = build_text_encoder(None, cfg.model_config)
     stride = model.patch_size[0]
     workers = cfg.workers if cfg.workers is not None else max(1, default_workers() // world)
     cohort = PreparedCohort(cases, cfg.model_config.profile, stride, cfg.cache, progress and rank == 0, workers)
     finding_bits = torch.tensor([CT_RATE_FINDINGS.index(f) if f in CT_RATE_FINDINGS else -1 for f in findings])
+    prior = lesion_prior(cohort.token_masks, finding_bits) if cfg.prior_negatives else None
 
     # Cached frozen-text embeddings: finding sentences and report sentences.
     pos_raw, neg_raw = [], []
@@ -402,6 +447,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         pick = torch.randint(0, len(indices), (cfg.batch_size,), generator=gen)
         idx = [indices[int(i)] for i in pick]
         x, token_masks = _augment([cohort.images[i] for i in idx], [cohort.token_masks[i] for i in idx], stride, gen, device)
+        x = x.contiguous(memory_format=layout)
         y = labels[idx].to(device)  # (B, F)
         g, tokens = net(x)
         feats = ImageFeatures(global_latent=g, tokens=tokens)
@@ -416,7 +462,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
         known = y >= 0
         target = (1 - y).clamp(0, 1)  # class 0 = present, class 1 = absent
         loss_find = F.cross_entropy(pair[known], target[known]) if known.any() else logits.sum() * 0
-        loss_local = local_alignment_loss(model, feats, t_pos, t_neg, token_masks, finding_bits, y)
+        loss_local = local_alignment_loss(model, feats, t_pos, t_neg, token_masks, finding_bits, y, prior)
 
         # image-report contrastive + BrgSA bank losses
         v = F.normalize(feats.global_latent, dim=-1)

@@ -3,7 +3,7 @@
 For each CT under ../shared/data/real_ct: the CT check, the top findings, and for the
 Lung-PET-CT-Dx case whether the lung-nodule / lung-mass map peaks inside the expert's box.
 
-    python Testing/benchmarks/demo_on_real_ct.py [--model medalign-demo] [--shared ../shared]
+    python Testing/benchmarks/demo_on_real_ct.py [--model medalign-demo] [--weights CKPT] [--shared ../shared]
 """
 
 from __future__ import annotations
@@ -32,13 +32,19 @@ def peak_in_box(result, finding: str, box: dict) -> tuple[bool, list[float], flo
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="registry name (default: medalign-demo)")
+    ap.add_argument("--weights", default=None, type=Path, help="a checkpoint of the model's family, e.g. a new demo model")
     ap.add_argument("--shared", default=os.environ.get("MEDALIGN_SHARED", str(Path(__file__).resolve().parents[2].parent / "shared")))
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     real = Path(args.shared) / "data" / "real_ct"
     findings = "ct-rate;Lung mass"
-    screener = Screener(model=args.model, findings=findings, device=args.device)
+    model = args.model
+    if args.weights is not None:
+        from medalign.models import load
+
+        model = load(args.model or "medalign-demo", weights=args.weights)
+    screener = Screener(model=model, findings=findings, device=args.device)
     report = {}
     for name in CASES:
         path = real / name

@@ -4,6 +4,7 @@ loss, cache keys and the parallel data steps."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -144,6 +145,57 @@ def test_dense_loss_weighs_each_finding_equally():
     pos = (ce(0, 3, True) + ce(3, 0, True)) / 2  # per finding, then over findings
     neg = (ce(-3, 0, False) + ce(-3, 0, False)) / 2
     assert float(loss) == pytest.approx((pos + neg) / 2, rel=1e-5)
+
+
+def test_lesion_prior_counts_where_lesions_sit_and_widens_by_one_token():
+    from medalign.train import lesion_prior
+
+    a = torch.zeros(5, 5, 1, dtype=torch.int32)
+    b = torch.zeros(5, 5, 1, dtype=torch.int32)
+    a[2, 2, 0] = 1  # finding bit 0 in one of two masked cases
+    b[0, 0, 0] = 2  # bit 1
+    prior = lesion_prior([a, None, b], torch.tensor([0, 1, -1]))
+    assert prior.shape == (3, 5, 5, 1)
+    assert float(prior[0, 2, 2, 0]) == 0.5 and float(prior[0, 1, 3, 0]) == 0.5  # a neighbour (shift augmentation)
+    assert float(prior[0, 4, 4, 0]) == 0.0
+    assert float(prior[1, 1, 1, 0]) == 0.5 and float(prior[1, 3, 3, 0]) == 0.0
+    assert float(prior[2].sum()) == 0.0  # a finding without a mask bit has no prior
+    assert lesion_prior([None, None], torch.tensor([0])) is None
+
+
+def test_prior_weighted_negatives_count_lesion_free_tokens_where_lesions_usually_are():
+    from medalign.train import local_alignment_loss
+
+    grid = (4, 1, 1)
+    pos_logit = torch.zeros(1, 1, *grid)
+    pos_logit[0, 0, 1] = 2.0  # a lesion-free token the model calls present
+    logits = torch.cat([pos_logit, torch.zeros(1, 1, *grid)], dim=1)
+    feats = ImageFeatures(torch.zeros(1, 4), torch.zeros(1, *grid, 4))
+    masks = torch.zeros(*grid, dtype=torch.int32)  # a negative case: no lesion
+    prior = torch.zeros(1, *grid)
+    prior[0, 1] = 0.3  # ... at the one place lesions of this finding occur
+    args = (_FixedTokenLogits(logits), feats, torch.zeros(1, 4), torch.zeros(1, 4), [masks], torch.tensor([0]),
+            torch.tensor([[0]]))
+    softplus = torch.nn.functional.softplus
+    uniform = float((softplus(torch.tensor(2.0)) + 3 * softplus(torch.tensor(0.0))) / 4)
+    assert float(local_alignment_loss(*args)) == pytest.approx(uniform, rel=1e-5)
+    # half of the negative term now sits on the token where lesions are usually found
+    assert float(local_alignment_loss(*args, prior=prior)) == pytest.approx((uniform + float(softplus(torch.tensor(2.0)))) / 2, rel=1e-5)
+
+
+def test_local_head_depthwise_option_and_old_checkpoints():
+    from medalign.models.medalign_model import MedAlignConfig, MedAlignModel, tiny_config
+
+    cfg = tiny_config()
+    assert not MedAlignConfig().local_depthwise  # new models leave it out
+    old = json.loads(cfg.to_json())
+    old.pop("local_depthwise")  # a checkpoint written by demo versions 1-2
+    assert MedAlignConfig.from_json(json.dumps(old)).local_depthwise
+    with_dw = MedAlignModel(dataclasses.replace(cfg, local_depthwise=True))
+    without = MedAlignModel(dataclasses.replace(cfg, local_depthwise=False))
+    assert len(with_dw.local_fuse) == 5 and len(without.local_fuse) == 3
+    x = torch.zeros(1, cfg.profile.n_channels, *cfg.profile.size)
+    assert without.image_features(x).tokens.shape == with_dw.image_features(x).tokens.shape
 
 
 # ------------------------------------------------------------------ parallel data steps

@@ -59,6 +59,9 @@ class MedAlignConfig:
     text_encoder: str = "all-MiniLM-L6-v2"
     # near-max pooling: one 16 mm token of lesion must be able to carry the image-level score
     lse_beta: float = 50.0
+    # a depthwise 3x3x3 convolution in the local head (demo versions 1-2): 30% of a CPU
+    # training step for little gain, so new models leave it out
+    local_depthwise: bool = False
     logit_scale: float = 10.0  # initial value; learned
     profile: PreprocessProfile = DEMO
     prompt_templates: dict = field(default_factory=lambda: {k: list(v) for k, v in PROMPT_TEMPLATES.items()})
@@ -73,6 +76,7 @@ class MedAlignConfig:
         d["vit"] = ViT3DConfig.from_dict(d["vit"])
         d["profile"] = PreprocessProfile.from_dict(d["profile"])
         d["stem_channels"] = tuple(d["stem_channels"])
+        d.setdefault("local_depthwise", True)  # written before the option existed
         return cls(**d)
 
 
@@ -98,12 +102,9 @@ class MedAlignModel(ScreeningModel):
         self.vit = ViT3D(cfg.vit)
         w, e = cfg.vit.width, cfg.embed_dim
         self.global_embedder = nn.Linear(w, e)
+        depthwise = [nn.Conv3d(e, e, kernel_size=3, padding=1, groups=e), nn.GELU()] if cfg.local_depthwise else []
         self.local_fuse = nn.Sequential(
-            nn.Conv3d(w + c2, e, kernel_size=1),
-            nn.GELU(),
-            nn.Conv3d(e, e, kernel_size=3, padding=1, groups=e),
-            nn.GELU(),
-            nn.Conv3d(e, e, kernel_size=1),
+            nn.Conv3d(w + c2, e, kernel_size=1), nn.GELU(), *depthwise, nn.Conv3d(e, e, kernel_size=1)
         )
         self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, 2 * e), nn.GELU(), nn.Linear(2 * e, e))
         self.bank = KnowledgeBank(cfg.bank_size, e)

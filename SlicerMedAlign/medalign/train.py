@@ -193,7 +193,7 @@ def token_mask(mask, grid_to_ras: np.ndarray, size: tuple[int, int, int], stride
     if len(k) == 0:
         return torch.from_numpy(out.reshape(*grid).astype(np.int32))
     bits = values[k, j, i].astype(np.int64)
-    ras = np.stack([i, j, k], axis=1).astype(np.float64) @ mask.ijk_to_ras[:3, :3].T + mask.ijk_to_ras[:3, 3]
+    ras = mask.ijk_to_ras_points(np.stack([i, j, k], axis=1))
     to_grid = np.linalg.inv(grid_to_ras)
     xyz = ras @ to_grid[:3, :3].T + to_grid[:3, 3]
     # model voxel n spans [n - 0.5, n + 0.5); token a holds voxels a*stride .. (a+1)*stride - 1

@@ -17,6 +17,7 @@ import numpy as np
 
 from medalign.errors import MedAlignError
 from medalign.io import read_volume
+from medalign.models import load
 from medalign.screening import Screener
 
 CASES = ["chest_ct_lung_mass.nii.gz", "chest_cta_mediastinum_crop.nii.gz", "abdomen_ct_3mm.nii.gz", "abdomen_ct_dicom", "mr_not_ct.nii.gz"]
@@ -41,8 +42,6 @@ def main() -> None:
     findings = "ct-rate;Lung mass"
     model = args.model
     if args.weights is not None:
-        from medalign.models import load
-
         model = load(args.model or "medalign-demo", weights=args.weights)
     screener = Screener(model=model, findings=findings, device=args.device)
     report = {}

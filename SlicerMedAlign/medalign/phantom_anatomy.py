@@ -367,7 +367,9 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
     r2 = du * du + dv * dv
     on = (r2 < 1.0) & (psi < 0.86) & (zk < 20.0) & (zk > -H - 70.0)
     cart = (r2 < 1.0) & (psi >= 0.86) & (psi < 0.95) & (zk < -20.0)  # costal cartilage
-    rib_val = np.where(r2 > 0.45, np.float32(rng.uniform(650, 900)), np.float32(rng.uniform(180, 300)))
+    # Cortical bone as dense as in real scans (peaks of 1000-1900 HU): with softer bone every
+    # voxel over ~1000 HU in training was a device, and real ribs and spines read as one.
+    rib_val = np.where(r2 > 0.45, np.float32(rng.uniform(800, 1400)), np.float32(rng.uniform(180, 300)))
     sel_on, sel_cart = flat[on], flat[cart]
     k_on, r_on = np.divmod(sel_on, hc.shape[1] * hc.shape[2])
     j_on, i_on = np.divmod(r_on, hc.shape[2])
@@ -397,7 +399,7 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
     jlo, jhi, ilo, ihi = int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
     ssl = (slice(None), slice(jlo, jhi), slice(ilo, ihi))
     sub = lambda m: m[jlo:jhi, ilo:ihi][None]  # noqa: E731
-    cort_hu, marrow_hu = float(rng.uniform(500, 750)), float(rng.uniform(160, 260))
+    cort_hu, marrow_hu = float(rng.uniform(850, 1500)), float(rng.uniform(160, 260))
     paint(hu, ssl, sub(vb_marrow) & ~disc, marrow_hu)
     paint(hu, ssl, sub(vb_cortex) & ~disc, cort_hu)
     paint(hu, ssl, sub(d_vb < 1.0) & disc, 85.0)
@@ -515,7 +517,21 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
     tubes.append((_w(p, pa_start), _w(p, pa_bif), r_pa, r_pa, blood))
     tubes.append((_w(p, pa_bif), _w(p, hilumR), r_pa * 0.8, r_pa * 0.7, blood))
     tubes.append((_w(p, pa_bif), _w(p, hilumL), r_pa * 0.8, r_pa * 0.7, blood))
-    tubes.append((_w(p, np.array([svc_b[0], svc_b[1], heart_b[2] + 0.5 * semi_h[2]])), _w(p, np.array([svc_b[0] - 4, svc_b[1], z_top + 10])), 9.0, 9.0, blood * 0.9))
+    svc_lo = np.array([svc_b[0], svc_b[1], heart_b[2] + 0.5 * semi_h[2]])
+    svc_hi = np.array([svc_b[0] - 4, svc_b[1], z_top + 10])
+    p["inflow"] = None
+    if contrast and rng.random() < 0.5:
+        # Undiluted contrast still arriving through an arm vein: 800-2500 HU in the
+        # brachiocephalic vein and upper SVC, as in most real contrast chest CTs.
+        dense = float(rng.uniform(800.0, 2500.0))
+        side = 1.0 if rng.random() < 0.35 else -1.0  # usually the right arm
+        junction = svc_lo + (svc_hi - svc_lo) * 0.55
+        arm = np.array([side * 0.75 * a_c, vc - 0.55 * b_c, z_top + 5.0])
+        tubes.append((_w(p, svc_lo), _w(p, junction), 9.0, 9.0, blood + 0.35 * (dense - blood)))
+        tubes.append((_w(p, junction), _w(p, arm), 6.5, 5.5, dense))
+        svc_lo = junction
+        p["inflow"] = _w(p, junction + (arm - junction) * 0.3)
+    tubes.append((_w(p, svc_lo), _w(p, svc_hi), 9.0, 9.0, blood * 0.9))
     arch_top = aorta_b[5]
     for du_, rr in ((-14.0, 6.5), (2.0, 5.0), (12.0, 5.0)):
         q0 = arch_top + np.array([du_, 0.0, 0.0])
@@ -661,7 +677,7 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
     # segmental bronchi alongside the first arterial generations (thin walls, air lumen)
     bronchi = []
     for side, art, _veins, bro in trees:
-        bronchi += _bronchi_along(art, max_gen=4, start=bro)
+        bronchi += bronchi_along(art, max_gen=4, start=bro)
     p["bronchi"] = bronchi
     draw_bronchi(grid, hu, bronchi, lung, wall_mm=1.0, lumen_scale=1.0)
 
@@ -839,22 +855,22 @@ def _splat_vessels(rng: np.random.Generator, grid: Grid, out: np.ndarray, trees:
     return box
 
 
-def _bronchi_along(art: list[Branch], max_gen: int, start: np.ndarray | None) -> list[Branch]:
-    """Bronchi accompany the arteries: the same branches shifted sideways by both radii."""
+def bronchi_along(art: list[Branch], max_gen: int, lumen_factor: float = 0.85, start: np.ndarray | None = None) -> list[Branch]:
+    """Bronchi accompany the arteries: the same branches shifted sideways by both radii,
+    lumens ``lumen_factor`` times the artery (wider for bronchiectasis).  ``start`` joins
+    the first generation to a main bronchus."""
     out = []
     for b in art:
         if b.gen > max_gen:
             continue
-        d = b.p1 - b.p0
-        n = np.cross(d, np.array([0.0, 0.0, 1.0]))
-        if np.linalg.norm(n) < 1e-6:
-            n = np.array([1.0, 0.0, 0.0])
-        n /= np.linalg.norm(n)
-        rb0, rb1 = b.r0 * 0.85, b.r1 * 0.85
-        off0 = n * (b.r0 + rb0 + 1.0)
-        off1 = n * (b.r1 + rb1 + 1.0)
-        p0 = b.p0 + off0 if not (b.gen == 0 and start is not None) else np.asarray(start, dtype=np.float64)
-        out.append(Branch(p0, b.p1 + off1, rb0, rb1, b.gen, b.path))
+        n = np.cross(b.p1 - b.p0, np.array([0.0, 0.0, 1.0]))
+        norm = np.linalg.norm(n)
+        n = n / norm if norm > 1e-6 else np.array([1.0, 0.0, 0.0])
+        rb0, rb1 = max(b.r0 * lumen_factor, 1.0), max(b.r1 * lumen_factor, 0.8)
+        p0 = b.p0 + n * (b.r0 + rb0 + 1.0)
+        if b.gen == 0 and start is not None:
+            p0 = np.asarray(start, dtype=np.float64)
+        out.append(Branch(p0, b.p1 + n * (b.r1 + rb1 + 1.0), rb0, rb1, b.gen, b.path))
     return out
 
 

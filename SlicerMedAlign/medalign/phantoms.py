@@ -39,12 +39,13 @@ from .phantom_anatomy import (
     cavity_level,
     cage_profile,
     blur3,
+    bronchi_along,
     paint,
     sample_geometry,
 )
 from .volume import Volume
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: dense bone, contrast inflow, ECG leads
 
 #: Every CT-RATE finding can be inserted (all 18, in CT-RATE order).
 PHANTOM_FINDINGS: list[str] = list(CT_RATE_FINDINGS)
@@ -528,19 +529,6 @@ def _subtree(c: _Ctx, gen_root: int) -> tuple[list[Branch], int]:
     return out, side
 
 
-def _airways_along(art: list[Branch], lumen_factor: float, max_gen: int) -> list[Branch]:
-    out = []
-    for b in art:
-        if b.gen > max_gen:
-            continue
-        d = b.p1 - b.p0
-        n = np.cross(d, np.array([0.0, 0.0, 1.0]))
-        n = n / (np.linalg.norm(n) + 1e-9) if np.linalg.norm(n) > 1e-6 else np.array([1.0, 0.0, 0.0])
-        rb0, rb1 = max(b.r0 * lumen_factor, 1.0), max(b.r1 * lumen_factor, 0.8)
-        out.append(Branch(b.p0 + n * (b.r0 + rb0 + 0.8), b.p1 + n * (b.r1 + rb1 + 0.8), rb0, rb1, b.gen, b.path))
-    return out
-
-
 def _bronchiectasis(c: _Ctx) -> dict[str, Any]:
     rng, anat, g = c.rng, c.anat, c.grid
     factor = float(rng.uniform(1.4, 2.2))
@@ -550,7 +538,7 @@ def _bronchiectasis(c: _Ctx) -> dict[str, Any]:
         branches, side = _subtree(c, gen_root)
         if branches:
             break
-    aw = _airways_along(branches, factor, max_gen=7)
+    aw = bronchi_along(branches, max_gen=7, lumen_factor=factor)
     m = np.zeros(g.shape, dtype=bool)
     draw_bronchi(g, c.hu, aw, c.free_lung_labels(), wall_mm=wall, lumen_scale=1.0, mask=m, wall_hu=float(rng.uniform(20, 60)))
     c.mask[m] |= BIT["Bronchiectasis"]
@@ -569,7 +557,7 @@ def _peribronchial(c: _Ctx) -> dict[str, Any]:
     m = np.zeros(g.shape, dtype=bool)
     where = []
     for side, art, _v, _b in chosen:
-        aw = _airways_along(art, 0.85, max_gen=5)
+        aw = bronchi_along(art, max_gen=5)
         aw = [b for b in aw if b.gen >= 1]
         tmp = np.zeros(g.shape, dtype=bool)
         draw_bronchi(g, c.hu, aw, c.free_lung_labels(), wall_mm=wall, lumen_scale=1.0, mask=tmp, wall_hu=float(rng.uniform(20, 50)))
@@ -751,14 +739,7 @@ def _medical_material(c: _Ctx) -> dict[str, Any]:
     marked = np.zeros(g.shape, dtype=bool)
 
     def tube(points: list[np.ndarray], r: float, val: float) -> None:
-        for a, b in zip(points[:-1], points[1:]):
-            cap = capsule(g, a, b, r, r)
-            if cap is None:
-                continue
-            sl, dist, rad = cap
-            m = dist < rad + 0.25 * min(g.spacing)
-            paint(c.hu, sl, m, val)
-            marked[sl] |= m
+        _paint_tube(c, points, r, val, marked)
 
     side = 1.0 if rng.random() < 0.75 else -1.0  # devices usually on the left
     if kind in ("pacemaker", "port catheter"):
@@ -798,6 +779,48 @@ def _medical_material(c: _Ctx) -> dict[str, Any]:
     if not marked.any():
         c.force("Medical material", hc, 3000.0)
     return {"kind": kind, "where": where}
+
+
+def _paint_tube(c: _Ctx, points: list[np.ndarray], r: float, val: float, marked: np.ndarray | None = None) -> None:
+    """A wire or catheter along a polyline; thinner than a voxel still shows (partial volume)."""
+    g = c.grid
+    for a, b in zip(points[:-1], points[1:]):
+        cap = capsule(g, a, b, r, r)
+        if cap is None:
+            continue
+        sl, dist, rad = cap
+        m = dist < rad + 0.25 * min(g.spacing)
+        paint(c.hu, sl, m, val)
+        if marked is not None:
+            marked[sl] |= m
+
+
+def _ecg_leads(c: _Ctx) -> int:
+    """ECG electrodes on the anterior skin, metal snaps and lead wires through the air in
+    front.  Real scans carry them and reports do not call them medical material, so they
+    are anatomy-like context, not a finding (no mask bit): without them every bright
+    speck outside the body was a device to the model.  Returns the number of electrodes."""
+    rng, anat, g = c.rng, c.anat, c.grid
+    p = anat.p
+    A, B_ant = p["A"], p["B"] * 1.04
+    W = anat.to_world
+    n = int(rng.integers(2, 6))
+    for _ in range(n):
+        u = float(rng.uniform(-0.75, 0.75)) * A
+        uu = (u / A) ** 2
+        v_skin = -B_ant * float(np.sqrt((1.0 - uu) / (1.0 - 0.35 * uu)))  # the torso outline (build_anatomy)
+        z = float(rng.uniform(-0.75, -0.05)) * p["H"]
+        for centre, semi, val in ((W(u, v_skin - 1.0, z), np.array([6.0, 1.2, 6.0]), float(rng.uniform(-50.0, 100.0))),
+                                  (W(u, v_skin - 3.0, z), np.array([2.0, 1.5, 2.0]), float(rng.uniform(1500.0, 3000.0)))):
+            res = ellipsoid(g, centre, semi)
+            if res is not None:
+                sl, lvl = res
+                paint(c.hu, sl, lvl < 1.0, val)
+        lift = -B_ant - float(rng.uniform(6.0, 25.0))  # wires run in the air in front of the chest
+        away = float(np.sign(u) or 1.0) * float(rng.uniform(60.0, 150.0))
+        wire = [W(u, v_skin - 3.0, z), W(u, lift, z), W(u + away, lift, z + float(rng.uniform(-30.0, 30.0)))]
+        _paint_tube(c, wire, float(rng.uniform(0.4, 0.8)), float(rng.uniform(800.0, 2000.0)))
+    return n
 
 
 def _streaks(c: _Ctx, centre: np.ndarray, amp: float) -> None:
@@ -925,6 +948,9 @@ def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple
         if present[name]:
             facts[name] = painter(ctx)
 
+    if p["inflow"] is not None:  # beam hardening next to undiluted contrast
+        _streaks(ctx, p["inflow"], amp=float(rng.uniform(30.0, 120.0)))
+    n_ecg = _ecg_leads(ctx) if rng.random() < 0.5 else 0
     vol_hu = _finish(anat, rng)
     mask = ctx.mask
     # labels and masks agree by construction; verify (cheap) rather than trust
@@ -944,6 +970,8 @@ def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple
         "spacing": [float(sx), float(sy), float(sz)],
         "shape_kji": list(vol_hu.shape),
         "contrast": contrast,
+        "contrast_inflow": p["inflow"] is not None,
+        "ecg_electrodes": n_ecg,
         "noise_hu": p["noise_hu"],
         "body_half_axes_mm": [round(p["A"], 1), round(p["B"], 1)],
         "rotation_deg": round(float(np.rad2deg(p["angle"])), 2),

@@ -115,6 +115,51 @@ def test_tissue_densities_are_plausible(normal_phantom):
     assert 2.0 < float(corner.std()) < 40.0
 
 
+def test_normal_anatomy_is_as_dense_as_real_scans():
+    """Real chest CTs hold bone, undiluted contrast and ECG snaps above 1000 HU with no
+    device in them; phantoms must too, or the model reads every dense voxel as medical
+    material (version 3 of the demo model did, on every shared real CT)."""
+    for seed in (0, 1, 8):  # seed 8 (on this grid, no findings) has contrast inflow and ECG leads
+        ph = make_phantom(seed, labels=NONE, spacing=COARSE)
+        a = ph.volume.array
+        assert not np.any(ph.mask & BIT["Medical material"])
+        assert np.percentile(a, 99.9) > 700  # cortical bone
+        assert a.max() > 1000
+    assert ph.meta["contrast"] and ph.meta["contrast_inflow"] and ph.meta["ecg_electrodes"] > 0
+
+
+def test_ecg_leads_lie_outside_the_body():
+    """Electrodes sit on the skin and their wires in the air in front: the lung and
+    mediastinum are untouched, so a phantom's findings do not depend on them."""
+    from medalign.phantoms import _Ctx, _ecg_leads
+    from medalign.phantom_anatomy import build_anatomy
+
+    rng = np.random.default_rng(0)
+    anat = build_anatomy(rng, sample_geometry(rng, COARSE))
+    before = anat.hu.copy()
+    n = _ecg_leads(_Ctx(anat, np.random.default_rng(1)))
+    changed = anat.hu != before
+    assert 2 <= n <= 5 and changed.any()
+    assert not np.any(changed & (anat.lung > 0))
+    assert before[changed].mean() < -300  # mostly air (wires) and skin (pads)
+    assert anat.hu[changed].max() > 800  # metal snaps and wires
+
+
+def test_bronchi_along_follow_their_arteries():
+    from medalign.phantom_anatomy import Branch, bronchi_along
+
+    art = [Branch(np.zeros(3), np.array([0.0, 30.0, -10.0]), 5.0, 4.0, 0, 0),
+           Branch(np.array([0.0, 30.0, -10.0]), np.array([0.0, 50.0, -30.0]), 2.0, 1.0, 3, 1)]
+    normal = bronchi_along(art, max_gen=4)
+    wide = bronchi_along(art, max_gen=4, lumen_factor=2.0, start=np.array([1.0, 2.0, 3.0]))
+    assert len(bronchi_along(art, max_gen=2)) == 1  # generations past max_gen are left out
+    assert normal[0].r0 == pytest.approx(4.25) and wide[0].r0 == pytest.approx(10.0)
+    assert normal[1].r1 == pytest.approx(0.85) and wide[1].r1 == pytest.approx(2.0)
+    assert np.allclose(wide[0].p0, [1.0, 2.0, 3.0])  # joined to the main bronchus
+    gap = np.linalg.norm(normal[0].p1 - art[0].p1)
+    assert gap == pytest.approx(art[0].r1 + normal[0].r1 + 1.0)  # beside the artery, not in it
+
+
 def test_geometry_and_affine():
     for seed in range(30):
         g = sample_geometry(np.random.default_rng(seed), None)

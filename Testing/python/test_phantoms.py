@@ -98,6 +98,16 @@ def test_findings_have_ct_like_densities(full_phantoms):
         assert np.median(_region(ph, "Cardiomegaly")) > 0
 
 
+def test_emphysema_meets_the_quantitative_definition(full_phantoms):
+    """Low-attenuation areas cover at least 5% of the lung (LAA-950, COPDGene's threshold),
+    so the finding is there to see, not a handful of holes lost in the noise."""
+    for ph in full_phantoms:
+        facts = ph.meta["findings"]["Emphysema"]
+        assert 0.05 <= facts["lung_fraction"] <= 0.25
+        region = _region(ph, "Emphysema")
+        assert np.median(region) < -930  # partial volume with the walls between areas at 5 mm slices
+
+
 def test_tissue_densities_are_plausible(normal_phantom):
     a = normal_phantom.volume.array
     assert a.dtype == np.int16

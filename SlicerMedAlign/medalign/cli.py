@@ -41,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    if argv is None and args.command in TORCH_COMMANDS:  # a real command line, not a call from Python
+        from .allocator import reexec_with_tuned_allocator
+
+        reexec_with_tuned_allocator(sys.argv[1:])  # returns only when no re-run is needed
     try:
         if args.command in TORCH_COMMANDS:
             from .device import configure_cpu_threads

@@ -143,6 +143,15 @@ def paint(vol: np.ndarray, sl: Slices, mask: np.ndarray, value: float | np.ndarr
     np.copyto(sub, np.asarray(value, dtype=np.float32), where=np.broadcast_to(mask, sub.shape))
 
 
+TORSO_SQUARENESS = 0.35  # torso outline u² + v² - k·u²·v² = 1 (normalised): boxier than an ellipse
+
+
+def anterior_skin_v(p: dict[str, Any], u: float) -> float:
+    """Body-frame v of the anterior skin at left-right offset ``u`` (``build_anatomy``'s outline)."""
+    uu = (u / p["A"]) ** 2
+    return -p["B_ant"] * float(np.sqrt((1.0 - uu) / (1.0 - TORSO_SQUARENESS * uu)))
+
+
 def cage_profile(s: np.ndarray) -> np.ndarray:
     """Rib-cage width relative to its widest (s = 0 at the lung apex, 1 at the base):
     the thorax widens steadily down to the costophrenic angles."""
@@ -302,11 +311,12 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
     # ---- torso wall and table (2D, broadcast over slices) ----
     fat, mus = p["fat"], p["muscle"]
     B_ant, B_post = B * 1.04, B * 0.96
+    p["B_ant"] = B_ant
 
     def torso(a: float, b_ant: float, b_post: float) -> np.ndarray:
         uu = (U / a) ** 2
         vv = (V / np.where(V < 0, b_ant, b_post)) ** 2
-        return uu + vv - 0.35 * uu * vv  # boxier than an ellipse
+        return uu + vv - TORSO_SQUARENESS * uu * vv
 
     tissue2 = np.full(U.shape, HU_AIR, dtype=np.float32)
     table_v = B_post + 6.0

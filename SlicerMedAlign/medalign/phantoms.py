@@ -30,6 +30,7 @@ from .parallel import ordered_map
 from .phantom_anatomy import (
     HU_AIR,
     Anatomy,
+    anterior_skin_v,
     Branch,
     build_anatomy,
     capsule,
@@ -746,9 +747,6 @@ def _medical_material(c: _Ctx) -> dict[str, Any]:
     hc = p["heart_c"]
     marked = np.zeros(g.shape, dtype=bool)
 
-    def tube(points: list[np.ndarray], r: float, val: float) -> None:
-        _paint_tube(c, points, r, val, marked)
-
     side = 1.0 if rng.random() < 0.75 else -1.0  # devices usually on the left
     if kind in ("pacemaker", "port catheter"):
         dev_b = np.array([side * 0.55 * p["A"], -(p["B"] * 1.04 - p["fat"] * 0.55), -0.12 * p["H"]])
@@ -767,21 +765,21 @@ def _medical_material(c: _Ctx) -> dict[str, Any]:
         path = [dev, vein, svc, ra]
         if kind == "pacemaker":
             path.append(hc + p["heart_rot"].T @ np.array([0.6 * p["heart_semi"][0], -0.2 * p["heart_semi"][1], -0.3 * p["heart_semi"][2]]))
-            tube(path, 1.1, 2500.0)
+            _paint_tube(c, path, 1.1, 2500.0, marked)
             _streaks(c, dev, amp=float(rng.uniform(120.0, 300.0)))
         else:
-            tube(path[:3] + [svc + (ra - svc) * 0.5], 1.3, float(rng.uniform(150.0, 400.0)))
+            _paint_tube(c, path[:3] + [svc + (ra - svc) * 0.5], 1.3, float(rng.uniform(150.0, 400.0)), marked)
         where = f"{'left' if side > 0 else 'right'} anterior chest wall"
     elif kind == "nasogastric tube":
         es = p["es_pts"]
         st = W(0.45 * p["a_c"], p["vc"] - 0.1 * p["b_c"], p["zL"] - 40.0)
-        tube([es[0], es[1], es[2], st], 2.2, float(rng.uniform(200.0, 450.0)))
+        _paint_tube(c, [es[0], es[1], es[2], st], 2.2, float(rng.uniform(200.0, 450.0)), marked)
         where = "oesophagus towards the stomach"
     else:
         b_st = -(p["b_c"] - p["vc"]) - 3.0
         for z in np.linspace(-0.18 * p["H"], -0.62 * p["H"], int(rng.integers(4, 7))):
             pts = [W(-20.0, b_st + 2, z), W(-12.0, b_st - 9, z), W(12.0, b_st - 9, z), W(20.0, b_st + 2, z)]
-            tube(pts, 1.0, 3000.0)
+            _paint_tube(c, pts, 1.0, 3000.0, marked)
         where = "sternum"
     c.mask[marked] |= BIT["Medical material"]
     if not marked.any():
@@ -810,13 +808,12 @@ def _ecg_leads(c: _Ctx) -> int:
     speck outside the body was a device to the model.  Returns the number of electrodes."""
     rng, anat, g = c.rng, c.anat, c.grid
     p = anat.p
-    A, B_ant = p["A"], p["B"] * 1.04
+    A, B_ant = p["A"], p["B_ant"]
     W = anat.to_world
     n = int(rng.integers(2, 6))
     for _ in range(n):
         u = float(rng.uniform(-0.75, 0.75)) * A
-        uu = (u / A) ** 2
-        v_skin = -B_ant * float(np.sqrt((1.0 - uu) / (1.0 - 0.35 * uu)))  # the torso outline (build_anatomy)
+        v_skin = anterior_skin_v(p, u)
         z = float(rng.uniform(-0.75, -0.05)) * p["H"]
         for centre, semi, val in ((W(u, v_skin - 1.0, z), np.array([6.0, 1.2, 6.0]), float(rng.uniform(-50.0, 100.0))),
                                   (W(u, v_skin - 3.0, z), np.array([2.0, 1.5, 2.0]), float(rng.uniform(1500.0, 3000.0)))):

@@ -8,7 +8,9 @@ Losses per batch (all on L2-normalised joint-space latents):
 * image-report InfoNCE (CLIP) on the global latent, and the same on the bank-bridged
   latents (temperature 1/10, BrgSA's temp3);
 * bank reconstruction MSE (weight 0.5), BrgSA's knowledge-bank loss.
-The text encoder is frozen, so every sentence is embedded once and cached.
+The text encoder is frozen, so every sentence is embedded once and cached; its projection
+into the joint space is fitted on the finding sentences alone first, then frozen
+(``warm_up_text_projection``).
 Single process, or several through ``torchrun`` (DistributedDataParallel).
 """
 
@@ -73,6 +75,9 @@ class TrainConfig:
     local_weight: float = 1.0
     prior_negatives: bool = True  # weigh lesion-free tokens by where lesions usually are (lesion_prior)
     mse_weight: float = 0.5
+    # weight of the warm-up penalty that makes findings' present-minus-absent text directions
+    # orthogonal (see decision_directions); 0 keeps demo versions 1-4's warm-up
+    decorrelate: float = 1.0
     val_data: Path | None = None
     resume: bool = True
     save_every: int = 200
@@ -251,8 +256,25 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1)
     return -(log_prob.masked_fill(~same, 0).sum(1) / same.sum(1).clamp_min(1)).mean()
 
 
+def decision_directions(z: torch.Tensor, y: torch.Tensor, n_f: int) -> torch.Tensor:
+    """(F, E) unit "present minus absent" direction of each finding: the difference of the
+    normalised class means of its projected positive (class f) and negative (class F + f)
+    sentences.  The image-level margin of finding f is the image latent's dot product with
+    it, so two findings with parallel directions cannot be scored independently."""
+    means = torch.zeros(2 * n_f, z.shape[1], device=z.device).index_add_(0, y, z)
+    means = F.normalize(means / torch.bincount(y, minlength=2 * n_f).clamp_min(1)[:, None], dim=-1)
+    return F.normalize(means[:n_f] - means[n_f:], dim=-1)
+
+
+def direction_overlap(d: torch.Tensor) -> torch.Tensor:
+    """Mean squared cosine between different findings' decision directions (0: orthogonal)."""
+    c = d @ d.T
+    off = ~torch.eye(len(d), dtype=torch.bool, device=d.device)
+    return c[off].pow(2).mean() if off.any() else c.sum() * 0
+
+
 def warm_up_text_projection(model: MedAlignModel, pos_raw: list[torch.Tensor], neg_raw: list[torch.Tensor],
-                            steps: int = 300, lr: float = 3e-3) -> float:
+                            steps: int = 300, lr: float = 3e-3, decorrelate: float = 0.0) -> float:
     """Separate "finding present" from "finding absent" in the joint space before any image
     is seen, then freeze the projection.
 
@@ -261,6 +283,12 @@ def warm_up_text_projection(model: MedAlignModel, pos_raw: list[torch.Tensor], n
     the image encoder gets almost no gradient from the present/absent decision.  Fixing
     2F well-separated text anchors first (supervised contrastive over the 2F classes of
     training sentences) gives the image side a clear target from the first step.
+
+    Separated anchors are not enough: every "X" shares an "abnormal" component and every
+    "no X" a "negated" one, so the findings' present-minus-absent directions stay nearly
+    parallel (demo model 4: mean cosine 0.68, lung nodule vs lung opacity 0.95), and a
+    finding the image side has not learned yet scores whatever the others do.  With
+    ``decorrelate`` > 0 their squared cosines are penalised too (``direction_overlap``).
     """
     x = torch.cat(pos_raw + neg_raw)
     n_f = len(pos_raw)
@@ -269,7 +297,10 @@ def warm_up_text_projection(model: MedAlignModel, pos_raw: list[torch.Tensor], n
     opt = torch.optim.Adam(model.text_proj.parameters(), lr=lr)
     loss = torch.tensor(0.0)
     for _ in range(steps):
-        loss = supcon_loss(model.project_text(x), y)
+        z = model.project_text(x)
+        loss = supcon_loss(z, y)
+        if decorrelate:
+            loss = loss + decorrelate * direction_overlap(decision_directions(z, y, n_f))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -406,7 +437,7 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
 
     resume_state = _resume_state(cfg)  # read once: decides the warm-up and restores the optimizer
     if resume_state is None:
-        text_loss = warm_up_text_projection(model, pos_raw, neg_raw)
+        text_loss = warm_up_text_projection(model, pos_raw, neg_raw, decorrelate=cfg.decorrelate)
         log(f"text anchors separated (supervised contrastive loss {text_loss:.3f}); projection frozen")
     else:
         model.text_proj.requires_grad_(False)
@@ -503,6 +534,7 @@ def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[st
         "steps": step,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
+        "decorrelate": cfg.decorrelate,
         "data": str(cfg.data),
         "initial_loss": float(np.mean(history[:20])) if history else None,
         "final_loss": float(np.mean(history[-20:])) if history else None,

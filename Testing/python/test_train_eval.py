@@ -47,6 +47,7 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     _, tensors, extra = read_checkpoint(out)
     assert extra["steps"] == 40 and set(extra["trained_findings"]) == {"Lung nodule", "Emphysema"}
     assert extra["final_loss"] < extra["initial_loss"]
+    assert extra["decorrelate"] == 1.0  # the text warm-up the run used is part of its provenance
     # resume: asking for more steps continues from the saved optimizer state
     cfg.steps = 44
     train(cfg, progress=False)

@@ -183,6 +183,51 @@ def test_prior_weighted_negatives_count_lesion_free_tokens_where_lesions_usually
     assert float(local_alignment_loss(*args, prior=prior)) == pytest.approx((uniform + float(softplus(torch.tensor(2.0)))) / 2, rel=1e-5)
 
 
+def test_decision_directions_and_their_overlap():
+    from medalign.train import decision_directions, direction_overlap
+
+    # finding 0: present (1, 0, 0) vs absent (0, 1, 0); finding 1: present (1, 0, 0) vs absent (0, 0, 1)
+    z = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    y = torch.tensor([0, 1, 2, 3])  # classes: pos 0, pos 1, neg 0, neg 1
+    d = decision_directions(z, y, 2)
+    s = 2 ** -0.5
+    assert torch.allclose(d, torch.tensor([[s, -s, 0], [s, 0, -s]]), atol=1e-6)
+    assert float(direction_overlap(d)) == pytest.approx(0.25, abs=1e-6)  # cosine 1/2, squared
+    assert float(direction_overlap(torch.eye(3))) == 0.0
+    assert float(direction_overlap(torch.tensor([[1.0, 0], [-1.0, 0]]))) == pytest.approx(1.0)
+
+
+def test_text_warm_up_makes_findings_decision_directions_orthogonal():
+    """MiniLM gives "X" / "no X" pairs a shared "abnormal" and "negated" component, so after
+    the plain warm-up the findings' present-minus-absent directions are nearly parallel (one
+    finding's score follows another's); the penalty removes the overlap and keeps every
+    sentence nearest its own class."""
+    from medalign.models.medalign_model import MedAlignModel, build_text_encoder, tiny_config
+    from medalign.train import decision_directions, direction_overlap, finding_sentences, warm_up_text_projection
+
+    cfg = tiny_config()
+    encoder = build_text_encoder(None, cfg)
+    findings = ["Lung nodule", "Lung opacity", "Pleural effusion", "Lymphadenopathy", "Emphysema", "Bronchiectasis"]
+    sentences = [finding_sentences(f) for f in findings]
+    pos = [encoder.embed(p) for p, _ in sentences]
+    neg = [encoder.embed(n) for _, n in sentences]
+    z_all = torch.cat(pos + neg)
+    y = torch.cat([torch.full((len(t),), k) for k, t in enumerate(pos + neg)])
+
+    def overlap(decorrelate: float) -> float:
+        torch.manual_seed(0)
+        model = MedAlignModel(cfg)
+        warm_up_text_projection(model, pos, neg, steps=150, decorrelate=decorrelate)
+        with torch.no_grad():
+            z = model.project_text(z_all)
+            centroids = torch.nn.functional.normalize(torch.stack([z[y == k].mean(0) for k in range(len(pos) * 2)]), dim=-1)
+            assert float(((z @ centroids.T).argmax(1) == y).float().mean()) > 0.95
+            return float(direction_overlap(decision_directions(z, y, len(findings))))
+
+    assert overlap(0.0) > 0.2
+    assert overlap(1.0) < 0.02
+
+
 def test_local_head_depthwise_option_and_old_checkpoints():
     from medalign.models.medalign_model import MedAlignConfig, MedAlignModel, tiny_config
 

@@ -228,6 +228,20 @@ def test_text_warm_up_makes_findings_decision_directions_orthogonal():
     assert overlap(1.0) < 0.02
 
 
+def test_embedded_demo_model_scores_findings_along_independent_directions():
+    """The shipped model was trained with the decorrelated warm-up: on the inference
+    wordings (never seen in training) no two findings share their decision direction."""
+    from medalign.screening import Screener
+    from medalign.train import direction_overlap
+
+    screener = Screener(device="cpu")
+    d = torch.nn.functional.normalize(torch.stack([p.ensemble[0] - p.ensemble[1] for p in screener.prompts]), dim=-1)
+    cos = d @ d.T
+    assert len(d) == 18
+    assert float(cos[~torch.eye(len(d), dtype=torch.bool)].abs().max()) < 0.25
+    assert float(direction_overlap(d)) < 0.01
+
+
 def test_local_head_depthwise_option_and_old_checkpoints():
     from medalign.models.medalign_model import MedAlignConfig, MedAlignModel, tiny_config
 

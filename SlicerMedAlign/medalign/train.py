@@ -295,17 +295,16 @@ def warm_up_text_projection(model: MedAlignModel, pos_raw: list[torch.Tensor], n
     y = torch.cat([torch.full((len(t),), j) for j, t in enumerate(pos_raw)] +
                   [torch.full((len(t),), n_f + j) for j, t in enumerate(neg_raw)]).to(x.device)
     opt = torch.optim.Adam(model.text_proj.parameters(), lr=lr)
-    loss = torch.tensor(0.0)
+    contrast = torch.tensor(0.0)
     for _ in range(steps):
         z = model.project_text(x)
-        loss = supcon_loss(z, y)
-        if decorrelate:
-            loss = loss + decorrelate * direction_overlap(decision_directions(z, y, n_f))
+        contrast = supcon_loss(z, y)
+        loss = contrast + decorrelate * direction_overlap(decision_directions(z, y, n_f)) if decorrelate else contrast
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.text_proj.requires_grad_(False)
-    return float(loss.detach())
+    return float(contrast.detach())  # the supervised contrastive part, as the training log reports it
 
 
 def _token_targets(model, feats, t_pos: torch.Tensor, t_neg: torch.Tensor, token_masks: list,

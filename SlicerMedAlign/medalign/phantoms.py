@@ -305,7 +305,8 @@ def _emphysema(c: _Ctx) -> dict[str, Any]:
     rng, anat, g = c.rng, c.anat, c.grid
     kind = str(rng.choice(["centrilobular", "paraseptal", "panlobular"], p=[0.5, 0.3, 0.2]))
     zone = "upper" if kind != "panlobular" else "lower"
-    target = float(rng.uniform(0.06, 0.20)) * float(np.count_nonzero(anat.lung))
+    lung_voxels = float(np.count_nonzero(anat.lung))
+    target = float(rng.uniform(0.06, 0.20)) * lung_voxels
     lobes: dict[str, int] = {}
     painted, covered, misses = 0, 0, 0
     while covered < target and painted < 4000 and misses < 50:
@@ -333,7 +334,7 @@ def _emphysema(c: _Ctx) -> dict[str, Any]:
         c.force("Emphysema", pc, -980.0)
         lobes[anat.lobe(pc)] = 1
     top = sorted(lobes, key=lambda k: -lobes[k])[:2]
-    laa = covered / max(float(np.count_nonzero(anat.lung)), 1.0)
+    laa = covered / max(lung_voxels, 1.0)
     return {"kind": kind, "lobes": top, "n_areas": painted, "lung_fraction": round(laa, 3)}
 
 

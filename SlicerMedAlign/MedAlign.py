@@ -297,7 +297,8 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.resultTable = table
             top = self.logic.lib.finding_at_row(table, 0) if table.GetNumberOfRows() else ""
             self.showFinding(top)
-            self.ui.statusLabel.text = f"Screened {table.GetNumberOfRows()} findings."
+            warnings = self.logic.lib.result_from_table(table, load_maps=False).warnings
+            self.ui.statusLabel.text = " ".join([f"Screened {table.GetNumberOfRows()} findings.", *warnings])
         except CancelledError:
             self.ui.statusLabel.text = "Cancelled; nothing was created."
         except MedAlignError as exc:

@@ -84,6 +84,7 @@ def report_dict(result: "ScreeningResult") -> dict[str, Any]:
         "model": result.model,
         "device": result.device,
         "disclaimer": result.disclaimer,
+        "warnings": list(result.warnings),
         "input": result.input,
         "findings": [finding_report(f) for f in result.ranked()],
     }

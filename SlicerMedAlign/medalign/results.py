@@ -88,6 +88,7 @@ class ScreeningResult:
     findings: list[FindingResult]
     elapsed_s: float = 0.0
     disclaimer: str = ""
+    warnings: list[str] = field(default_factory=list)  # why these scores may not apply to this scan
 
     def ranked(self) -> list[FindingResult]:
         return sorted(self.findings, key=lambda f: f.probability, reverse=True)
@@ -105,6 +106,7 @@ class ScreeningResult:
             "device": self.device,
             "elapsed_s": round(float(self.elapsed_s), 3),
             "disclaimer": self.disclaimer,
+            "warnings": list(self.warnings),
             "findings": [f.to_dict() for f in self.ranked()],
         }
 
@@ -155,7 +157,7 @@ class ScreeningResult:
                 map_of(d) if map_of is not None else None, hotspot, d.get("knowledge", {}), d.get("published_score"),
             ))
         return cls(data.get("input", {}), data["model"], data["device"], findings, data.get("elapsed_s", 0.0),
-                   data.get("disclaimer", ""))
+                   data.get("disclaimer", ""), list(data.get("warnings", [])))
 
     @classmethod
     def read(cls, out_dir: str | Path, load_maps: bool = True) -> "ScreeningResult":

@@ -144,6 +144,7 @@ class Screener:
         with_maps: bool = True,
         check: bool = True,
     ) -> ScreeningResult:
+        from .coverage import coverage_warnings
         from .ctcheck import check_ct
         from .device import run_with_fallback
 
@@ -160,6 +161,7 @@ class Screener:
             check_ct(volume)
         step(0.1, "preprocessing")
         feats, prepared, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
+        warnings = coverage_warnings(prepared) if check else []
         step(0.5, "scoring findings")
         findings = self._score(feats, prepared, volume, device, step, with_maps)
         step(1.0, "done")
@@ -171,6 +173,7 @@ class Screener:
             findings=findings,
             elapsed_s=time.perf_counter() - start,
             disclaimer=getattr(self.model, "disclaimer", DISCLAIMER),
+            warnings=warnings,
         )
 
     def _encode(self, volume: Volume, device: torch.device):

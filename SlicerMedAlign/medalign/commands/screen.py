@@ -85,5 +85,7 @@ def print_table(result, stream) -> None:
         h = f.hotspot
         where = "" if h is None else "(" + ", ".join(f"{v:.0f}" for v in h.ras) + ")"
         print(f"{f.name[:38]:38s} {f.probability:6.3f} {f.uncertainty:6.3f}  {'  * ' if f.flagged else '    '}  {where}", file=stream)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=stream)
     if result.disclaimer:
         print(result.disclaimer, file=stream)

@@ -55,7 +55,9 @@ def main() -> None:
             continue
         top = result.ranked()[:5]
         print(f"{name}: " + ", ".join(f"{f.name} {f.probability:.2f}{'*' if f.flagged else ''}" for f in top))
-        entry = {"top5": [(f.name, round(f.probability, 3), f.flagged) for f in top]}
+        for warning in result.warnings:
+            print(f"   warning: {warning}")
+        entry = {"top5": [(f.name, round(f.probability, 3), f.flagged) for f in top], "warnings": result.warnings}
         if name == "chest_ct_lung_mass.nii.gz":
             box = json.loads((real / "chest_ct_lung_mass.boxes.json").read_text(encoding="utf-8"))
             for finding in ("Lung nodule", "Lung mass"):

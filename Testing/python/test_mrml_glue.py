@@ -478,3 +478,18 @@ def test_environment_puts_the_engine_first_on_pythonpath():
     assert os.path.isfile(os.path.join(first, "medalign", "__init__.py"))
     assert env["PYTHONPATH"].endswith("/elsewhere") and env["PYTHONUNBUFFERED"] == "1"
     assert sys.executable in BackgroundScreening(None, work_dir="/nonexistent-medalign").python
+
+
+def test_coverage_warnings_travel_through_the_results_table(screened):
+    """The panel's status line reads the warnings back from the table the engine's result made."""
+    import dataclasses
+
+    logic, node = screened["logic"], screened["node"]
+    warned = dataclasses.replace(screened["result"], warnings=["Only 2% of the scan's slices show lung."])
+    table = logic.add_result(warned, node)
+    try:
+        assert logic.result_from_table(table, load_maps=False).warnings == warned.warnings
+    finally:
+        for map_node in logic.map_nodes(table).values():
+            screened["app"].scene.RemoveNode(map_node)
+        screened["app"].scene.RemoveNode(table)

@@ -5,8 +5,9 @@ A small CNN shaped like the demo model's stem (two stride-2 convolutions, so one
 loss of the screening model for one finding: tokens holding the finding's lesion against
 lesion-free tokens of the same tissue (token mean HU within --tissue-hu), each group
 weighed the same.  Then it scores the tokens of held-out phantoms and takes each case's
-maximum, which is how the screening model decides a case.  Token AUC high but case AUC near 0.5 means the grid
-gives a token score that is not specific enough for a maximum over thousands of tokens.
+maximum, which is how the screening model decides a case.  Token AUC high but case AUC
+near 0.5 means a token score good on average that is not specific enough for a maximum over
+thousands of tokens.
 
     medalign phantoms --out work/train --n 600 --seed 1
     python Testing/benchmarks/small_lesion_probe.py --data work/train --cache work/cache --finding "Lung nodule"
@@ -34,6 +35,7 @@ from torch import nn
 
 from medalign.datasets import load_cohort
 from medalign.knowledge import CT_RATE_FINDINGS
+from medalign.preprocess import hu_to_model_value
 from medalign.profiles import DEMO
 from medalign.train import PreparedCohort, resolve_labels
 
@@ -52,8 +54,9 @@ def stem_probe() -> nn.Sequential:
 def tissue_tokens(image: torch.Tensor, tissue_hu: tuple[float, float]) -> torch.Tensor:
     """(X', Y', Z') tokens whose mean HU (channel 0) lies in ``tissue_hu``, widened by two
     tokens so a lesion's own denser tokens stay candidates."""
-    cell = nn.functional.avg_pool3d(image[None, :1] * 1000.0, STRIDE)[0, 0]
-    inside = ((cell > tissue_hu[0]) & (cell < tissue_hu[1])).float()
+    lo, hi = (hu_to_model_value(v, DEMO) for v in tissue_hu)  # every probe grid keeps DEMO's window
+    cell = nn.functional.avg_pool3d(image[None, :1], STRIDE)[0, 0]
+    inside = ((cell > lo) & (cell < hi)).float()
     return nn.functional.max_pool3d(inside[None, None], 5, 1, 2)[0, 0] > 0
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import vtk
 
 from medalign.errors import CancelledError, InputError
+from medalign.results import MIN_FLAG_AUC
 from .colors import build_color_node, find_color_node
 from .nodes import image_data_from_array, node_from_volume, numpy_to_matrix, volume_from_node
 
@@ -36,7 +37,7 @@ REF_RESULTS = "MedAlign.Results"
 REF_SEGMENTATION = "MedAlign.Segmentation"
 
 TABLE_COLUMNS = (
-    "finding", "probability", "uncertainty", "flag", "hotspot R", "hotspot A", "hotspot S", "extent_mm3",
+    "finding", "probability", "uncertainty", "flag", "held-out AUC", "hotspot R", "hotspot A", "hotspot S", "extent_mm3",
 )
 SEGMENT_COLOR = (0.99, 0.65, 0.04)  # inferno's orange: matches the map's bright end
 
@@ -172,7 +173,8 @@ class ScreeningLogic:
             columns["finding"].InsertNextValue(f.name)
             columns["probability"].InsertNextValue(float(f.probability))
             columns["uncertainty"].InsertNextValue(float(f.uncertainty))
-            columns["flag"].InsertNextValue("flagged" if f.flagged else "")
+            columns["flag"].InsertNextValue("flagged" if f.flagged else ("near chance" if f.near_chance else ""))
+            columns["held-out AUC"].InsertNextValue(math.nan if f.validation_auc is None else float(f.validation_auc))
             for axis, value in zip("RAS", ras):
                 columns[f"hotspot {axis}"].InsertNextValue(float(value))
             columns["extent_mm3"].InsertNextValue(float(f.hotspot.extent_mm3) if f.hotspot is not None else math.nan)
@@ -182,7 +184,8 @@ class ScreeningLogic:
         descriptions = {
             "probability": "Probability that the finding is present (softmax over present/absent prompts)",
             "uncertainty": "Spread of the probability over prompt variants",
-            "flag": "Probability above the model's per-finding threshold",
+            "flag": "Probability above the model's per-finding threshold; 'near chance': never flagged, see held-out AUC",
+            "held-out AUC": f"The model's AUC for the finding on its held-out validation set; below {MIN_FLAG_AUC} it is never flagged",
             "extent_mm3": "Volume of the map's connected region around the hotspot",
         }
         for name, text in descriptions.items():

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
 REPORT_CSV_COLUMNS = [
-    "finding", "verdict", "probability", "uncertainty", "hotspot_r", "hotspot_a", "hotspot_s",
+    "finding", "verdict", "probability", "uncertainty", "validation_auc", "hotspot_r", "hotspot_a", "hotspot_s",
     "location", "extent_mm3", "map", "definition",
 ]
 
@@ -72,7 +72,9 @@ def finding_report(finding: "FindingResult") -> dict[str, Any]:
     return {
         "finding": finding.name,
         "definition": _definition(finding),
-        "verdict": "flagged" if finding.flagged else "not flagged",
+        "verdict": "flagged" if finding.flagged else ("not flagged: near chance on held-out data" if finding.near_chance
+                                                      else "not flagged"),
+        "validation_auc": finding.validation_auc,
         "probability": round(float(finding.probability), 4),
         "uncertainty": round(float(finding.uncertainty), 4),
         "evidence": evidence,
@@ -99,7 +101,8 @@ def report_csv(report: dict[str, Any]) -> str:
         ras = ev.get("hotspot_ras") or ["", "", ""]
         writer.writerow({
             "finding": entry["finding"], "verdict": entry["verdict"], "probability": entry["probability"],
-            "uncertainty": entry["uncertainty"], "hotspot_r": ras[0], "hotspot_a": ras[1], "hotspot_s": ras[2],
+            "uncertainty": entry["uncertainty"],
+            "validation_auc": "" if entry["validation_auc"] is None else entry["validation_auc"], "hotspot_r": ras[0], "hotspot_a": ras[1], "hotspot_s": ras[2],
             "location": ev.get("location") or "", "extent_mm3": ev.get("extent_mm3", ""), "map": ev.get("map") or "",
             "definition": entry["definition"],
         })

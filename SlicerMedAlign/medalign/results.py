@@ -22,9 +22,18 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 MAPS_DIR = "maps"
 CSV_COLUMNS = [
-    "finding", "probability", "uncertainty", "flagged", "score",
+    "finding", "probability", "uncertainty", "flagged", "validation_auc", "score",
     "hotspot_r", "hotspot_a", "hotspot_s", "hotspot_value", "extent_mm3", "map",
 ]
+
+# Below this held-out AUC a finding is reported but never flagged: its flags would be
+# close to coin tosses (0.7 is the usual floor of "acceptable" discrimination).
+MIN_FLAG_AUC = 0.7
+
+
+def is_near_chance(validation_auc: float | None) -> bool:
+    """A finding was validated and its held-out AUC is below ``MIN_FLAG_AUC``."""
+    return validation_auc is not None and validation_auc < MIN_FLAG_AUC
 
 
 def slug(name: str) -> str:
@@ -55,6 +64,12 @@ class FindingResult:
     hotspot: Hotspot | None = None
     knowledge: dict[str, Any] = field(default_factory=dict)
     published_score: float | None = None  # the family's own score where it has one (BrgSA)
+    validation_auc: float | None = None  # the model's AUC for this finding on its held-out set, if known
+
+    @property
+    def near_chance(self) -> bool:
+        """The model was validated for this finding and barely tells cases apart."""
+        return is_near_chance(self.validation_auc)
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -62,6 +77,7 @@ class FindingResult:
             "probability": round(float(self.probability), 6),
             "uncertainty": round(float(self.uncertainty), 6),
             "flagged": bool(self.flagged),
+            "validation_auc": None if self.validation_auc is None else round(float(self.validation_auc), 4),
             "score": round(float(self.score), 6),
             "hotspot": None if self.hotspot is None else _round_hotspot(self.hotspot),
             "map": f"{MAPS_DIR}/{slug(self.name)}.nii.gz" if self.map is not None else None,
@@ -119,7 +135,8 @@ class ScreeningResult:
             h = f.hotspot
             writer.writerow({
                 "finding": f.name, "probability": d["probability"], "uncertainty": d["uncertainty"],
-                "flagged": int(f.flagged), "score": d["score"],
+                "flagged": int(f.flagged), "validation_auc": "" if f.validation_auc is None else d["validation_auc"],
+                "score": d["score"],
                 "hotspot_r": "" if h is None else round(h.ras[0], 3),
                 "hotspot_a": "" if h is None else round(h.ras[1], 3),
                 "hotspot_s": "" if h is None else round(h.ras[2], 3),
@@ -155,6 +172,7 @@ class ScreeningResult:
             findings.append(FindingResult(
                 d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"],
                 map_of(d) if map_of is not None else None, hotspot, d.get("knowledge", {}), d.get("published_score"),
+                d.get("validation_auc"),  # absent in results written before it existed
             ))
         return cls(data.get("input", {}), data["model"], data["device"], findings, data.get("elapsed_s", 0.0),
                    data.get("disclaimer", ""), list(data.get("warnings", [])))

@@ -135,6 +135,10 @@ class Screener:
     def thresholds(self) -> dict[str, float]:
         return dict(getattr(self.model, "thresholds", {}) or {})
 
+    def validation_auc(self) -> dict[str, float]:
+        """Per-finding AUC on the held-out set the thresholds were chosen on (medalign models)."""
+        return dict(getattr(self.model, "validation_auc", {}) or {})
+
     @torch.no_grad()
     def __call__(
         self,
@@ -195,7 +199,7 @@ class Screener:
         from .knowledge import find
         from .preprocess import token_map_to_volume
 
-        thresholds = self.thresholds()
+        thresholds, validation_auc = self.thresholds(), self.validation_auc()
         results = []
         dev = feats.global_latent.device
         for n, p in enumerate(self.prompts):
@@ -217,17 +221,20 @@ class Screener:
             published = self.model.published_score(feats, p.positive[:1].to(dev))
             kb = find(p.finding)
             knowledge = {"definition": kb.definition} if kb is not None else {}
-            results.append(FindingResult(
+            result = FindingResult(
                 name=p.finding,
                 probability=prob,
                 uncertainty=uncertainty,
-                flagged=prob >= thresholds.get(p.finding, 0.5),
+                flagged=False,
                 score=float(logits[0] - logits[1]),
                 map=map_volume,
                 hotspot=hotspot,
                 knowledge=knowledge,
                 published_score=None if published is None else float(published[0, 0]),
-            ))
+                validation_auc=validation_auc.get(p.finding),
+            )
+            result.flagged = prob >= thresholds.get(p.finding, 0.5) and not result.near_chance
+            results.append(result)
         return results
 
 

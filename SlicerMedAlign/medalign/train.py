@@ -546,10 +546,13 @@ def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[st
     os.replace(tmp, state_path)
 
 
-def calibrate(checkpoint: Path, val_data: Path, device: str = "auto") -> dict[str, float]:
+def calibrate(checkpoint: Path, val_data: Path, device: str = "auto") -> dict[str, dict[str, float]]:
     """Pick each finding's flag threshold (ROC point nearest (0, 1)) on held-out data and
-    store it in the checkpoint, so ``flagged`` means the same thing in every front end."""
-    from .metrics import youden_nearest_threshold
+    store it in the checkpoint with the finding's held-out AUC, so ``flagged`` means the same
+    thing in every front end and findings the model cannot tell apart are never flagged.
+    Returns {finding: {"threshold": t, "auc": a}}."""
+    from .io import read_volume
+    from .metrics import point_metrics
     from .models.medalign_model import load_checkpoint, read_checkpoint, save_checkpoint
     from .screening import Screener
 
@@ -558,17 +561,17 @@ def calibrate(checkpoint: Path, val_data: Path, device: str = "auto") -> dict[st
     findings = model.training_info.get("trained_findings")
     screener = Screener(model=model, findings=findings, device=device)
     labels = resolve_labels(cases, screener.findings).numpy()
-    from .io import read_volume
-
     probs = np.array([[f.probability for f in screener(read_volume(c.volume_path), with_maps=False).findings] for c in cases])
-    thresholds = {}
+    calibration = {}
     for j, name in enumerate(screener.findings):
         known = labels[:, j] >= 0
         if len(np.unique(labels[known, j])) == 2:
-            thresholds[name] = round(youden_nearest_threshold(labels[known, j], probs[known, j]), 4)
+            m = point_metrics(labels[known, j], probs[known, j])
+            calibration[name] = {"threshold": round(m["threshold"], 4), "auc": round(m["auc"], 4)}
     _, _, extra = read_checkpoint(checkpoint)
-    extra["thresholds"] = thresholds
+    extra["thresholds"] = {k: v["threshold"] for k, v in calibration.items()}
+    extra["validation_auc"] = {k: v["auc"] for k, v in calibration.items()}
     extra["threshold_data"] = str(val_data)
     model.training_info = extra
     save_checkpoint(model, checkpoint, extra=extra)
-    return thresholds
+    return calibration

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -63,7 +64,11 @@ def ijk_to_ras(node) -> np.ndarray:
 def tiny():
     from medalign.models.medalign_model import tiny_test_model
 
-    return tiny_test_model(seed=0)
+    model = tiny_test_model(seed=0)
+    # as calibration leaves them: emphysema clears its threshold but was near chance on held-out data
+    model.thresholds = {"Emphysema": 0.0, "Lung nodule": 0.0}
+    model.validation_auc = {"Emphysema": 0.55, "Lung nodule": 0.92}
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +175,13 @@ def test_table_rows_match_engine_result(screened):
         values = {name: table.GetTable().GetValueByName(row, name) for name in TABLE_COLUMNS}
         assert values["probability"].ToDouble() == pytest.approx(f.probability)
         assert values["uncertainty"].ToDouble() == pytest.approx(f.uncertainty)
-        assert values["flag"].ToString() == ("flagged" if f.flagged else "")
+        unvalidated = ("flagged" if f.probability >= 0.5 else "", None)  # no calibration: threshold 0.5
+        expected = {"Lung nodule": ("flagged", 0.92), "Emphysema": ("near chance", 0.55)}.get(f.name, unvalidated)
+        assert values["flag"].ToString() == expected[0]
+        if expected[1] is None:
+            assert math.isnan(values["held-out AUC"].ToDouble())
+        else:
+            assert values["held-out AUC"].ToDouble() == pytest.approx(expected[1])
         for axis, value in zip("RAS", f.hotspot.ras):
             assert values[f"hotspot {axis}"].ToDouble() == pytest.approx(value)
         assert values["extent_mm3"].ToDouble() == pytest.approx(f.hotspot.extent_mm3)
@@ -354,7 +365,10 @@ def test_export_writes_report_results_and_maps(screened, tmp_path):
     assert [e["finding"] for e in report["findings"]] == [f.name for f in screened["result"].ranked()]
     for entry in report["findings"]:
         assert entry["definition"]  # CT-RATE findings have knowledge-base definitions
-        assert entry["verdict"] in ("flagged", "not flagged")
+        f = screened["result"].finding(entry["finding"])
+        assert entry["verdict"] == ("flagged" if f.flagged else "not flagged: near chance on held-out data"
+                                    if f.name == "Emphysema" else "not flagged")
+        assert entry["validation_auc"] == f.validation_auc
         assert 0.0 <= entry["probability"] <= 1.0
         assert "scanned region" in entry["evidence"]["location"]
         saved = read_volume(out / entry["evidence"]["map"])

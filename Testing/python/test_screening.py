@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -116,3 +117,45 @@ def test_results_write_read_round_trip(model, tmp_path):
         np.testing.assert_allclose(a.map.ijk_to_ras, b.map.ijk_to_ras, atol=1e-4)
         np.testing.assert_allclose(a.map.array, b.map.array, atol=1e-5)
     assert not list(out.rglob("*.tmp*"))
+
+
+def test_near_chance_findings_are_reported_but_never_flagged(tmp_path):
+    """Calibration stores each finding's held-out AUC; below MIN_FLAG_AUC a probability above the
+    threshold is still shown, but the finding is not flagged in any output."""
+    import io
+
+    from medalign.commands.screen import print_table
+    from medalign.results import MIN_FLAG_AUC
+
+    model = tiny_test_model(seed=0)
+    model.thresholds = {"Lung nodule": 0.0, "Atelectasis": 0.0}  # every probability clears them
+    model.validation_auc = {"Lung nodule": MIN_FLAG_AUC - 0.01, "Atelectasis": MIN_FLAG_AUC}
+    result = screen(synthetic_ct(), findings=["Lung nodule", "Atelectasis", "Emphysema"], model=model, device="cpu")
+    nodule, atelectasis, emphysema = (result.finding(n) for n in ("Lung nodule", "Atelectasis", "Emphysema"))
+    assert nodule.near_chance and not nodule.flagged
+    assert atelectasis.flagged and not atelectasis.near_chance
+    assert emphysema.validation_auc is None and not emphysema.near_chance  # never validated: threshold only
+    assert emphysema.flagged == (emphysema.probability >= 0.5)
+
+    out = result.write(tmp_path / "res")
+    back = ScreeningResult.read(out, load_maps=False)
+    assert back.finding("Lung nodule").validation_auc == pytest.approx(MIN_FLAG_AUC - 0.01)
+    assert back.finding("Lung nodule").near_chance and not back.finding("Lung nodule").flagged
+    rows = {r["finding"]: r for r in csv.DictReader(io.StringIO((out / "results.csv").read_text(encoding="utf-8")))}
+    assert rows["Lung nodule"]["validation_auc"] == "0.69" and rows["Lung nodule"]["flagged"] == "0"
+    assert rows["Emphysema"]["validation_auc"] == ""
+
+    text = io.StringIO()
+    print_table(result, text)
+    line = next(ln for ln in text.getvalue().splitlines() if ln.startswith("Lung nodule"))
+    assert " n/c " in line and "0.69" in line
+    assert "never flagged" in text.getvalue()
+
+
+def test_results_written_before_validation_auc_still_read(model, tmp_path):
+    result = screen(synthetic_ct(), findings=["Lung nodule"], model=model, device="cpu", with_maps=False)
+    data = result.to_dict()
+    for f in data["findings"]:
+        del f["validation_auc"]
+    back = ScreeningResult.from_dict(data)
+    assert back.findings[0].validation_auc is None and not back.findings[0].near_chance

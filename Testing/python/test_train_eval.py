@@ -71,6 +71,33 @@ def test_eval_writes_metrics_roc_and_localization(tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["cases"] == 6
 
 
+def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from medalign.io import read_volume
+    from medalign.metrics import youden_nearest_threshold
+    from medalign.models.medalign_model import load_checkpoint, save_checkpoint, tiny_test_model
+    from medalign.screening import Screener
+    from medalign.train import calibrate
+
+    data = _cohort(tmp_path / "cohort", n=6)
+    findings = ["Lung nodule", "Emphysema"]
+    path = save_checkpoint(tiny_test_model(seed=1), tmp_path / "m.safetensors", extra={"trained_findings": findings})
+    calibration = calibrate(path, data, device="cpu")
+
+    screener = Screener(model=load_checkpoint(path), findings=findings, device="cpu")
+    probs = np.array([[f.probability for f in screener(read_volume(data / "volumes" / f"c{i}.nii.gz"), with_maps=False).findings]
+                      for i in range(6)])
+    truth = {"Lung nodule": [1, 0, 1, 0, 1, 0], "Emphysema": [1, 0, 0, 1, 0, 0]}
+    for j, name in enumerate(findings):
+        assert calibration[name]["auc"] == pytest.approx(roc_auc_score(truth[name], probs[:, j]), abs=1e-4)
+        assert calibration[name]["threshold"] == pytest.approx(youden_nearest_threshold(truth[name], probs[:, j]), abs=1e-4)
+    # the checkpoint carries both, so every front end flags the same way
+    reloaded = load_checkpoint(path)
+    assert reloaded.validation_auc == {k: v["auc"] for k, v in calibration.items()}
+    assert reloaded.thresholds == {k: v["threshold"] for k, v in calibration.items()}
+
+
 def test_training_wordings_are_disjoint_from_inference_wordings():
     """Evaluation must measure unseen prompt wordings: no training sentence for any
     finding equals any prompt the screener builds for it."""

@@ -79,12 +79,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def print_table(result, stream) -> None:
+    from ..results import MIN_FLAG_AUC
+
     print(f"{result.model} on {result.input.get('path', 'volume')} ({result.device}, {result.elapsed_s:.1f} s)", file=stream)
-    print(f"{'finding':38s} {'prob':>6s} {'+/-':>6s}  flag  hotspot RAS (mm)", file=stream)
+    print(f"{'finding':38s} {'prob':>6s} {'+/-':>6s}  flag  {'AUC':>4s}  hotspot RAS (mm)", file=stream)
     for f in result.ranked():
         h = f.hotspot
         where = "" if h is None else "(" + ", ".join(f"{v:.0f}" for v in h.ras) + ")"
-        print(f"{f.name[:38]:38s} {f.probability:6.3f} {f.uncertainty:6.3f}  {'  * ' if f.flagged else '    '}  {where}", file=stream)
+        flag = "  * " if f.flagged else (" n/c" if f.near_chance else "    ")
+        auc = "   -" if f.validation_auc is None else f"{f.validation_auc:4.2f}"
+        print(f"{f.name[:38]:38s} {f.probability:6.3f} {f.uncertainty:6.3f}  {flag}  {auc}  {where}", file=stream)
+    if any(f.validation_auc is not None for f in result.findings):
+        print(f"AUC: the model's AUC for the finding on its held-out validation set; n/c (near chance, below "
+              f"{MIN_FLAG_AUC}): never flagged.", file=stream)
     for warning in result.warnings:
         print(f"warning: {warning}", file=stream)
     if result.disclaimer:

@@ -45,6 +45,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"checkpoint: {path}")
     if args.val_data is not None:
-        thresholds = calibrate(path, args.val_data, device=args.device)
-        print(f"per-finding thresholds from {args.val_data}: " + ", ".join(f"{k} {v:.2f}" for k, v in thresholds.items()))
+        from ..results import MIN_FLAG_AUC, is_near_chance
+
+        calibration = calibrate(path, args.val_data, device=args.device)
+        print(f"per-finding threshold and AUC on {args.val_data}: "
+              + ", ".join(f"{k} {v['threshold']:.2f} (AUC {v['auc']:.2f})" for k, v in calibration.items()))
+        near_chance = [k for k, v in calibration.items() if is_near_chance(v["auc"])]
+        if near_chance:
+            print(f"never flagged (held-out AUC below {MIN_FLAG_AUC}): " + ", ".join(near_chance))
     return 0

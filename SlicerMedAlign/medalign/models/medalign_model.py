@@ -236,6 +236,7 @@ def load_checkpoint(weights: Path, text_encoder: str | Path | None = None, devic
     load_state_strict(model, tensors, Path(weights).name)
     # per-finding decision thresholds chosen on held-out data at training time (ROC point nearest (0, 1))
     model.thresholds = dict(extra.get("thresholds", {}))
+    model.validation_auc = dict(extra.get("validation_auc", {}))  # flags of near-chance findings are withheld
     model.training_info = extra
     model.text_encoder = build_text_encoder(text_encoder, cfg)
     return model.to(device).eval()

@@ -310,3 +310,15 @@ def test_weights_status_words(home, weights, fake_resources):
         "mine": "local",
         "remote": "not downloaded",
     }
+
+
+def test_embedded_demo_model_carries_its_calibration():
+    """The shipped demo file holds a threshold and a held-out AUC for every finding it was
+    trained on, so near-chance findings are never flagged out of the box."""
+    from medalign.models.medalign_model import read_checkpoint
+
+    path = registry.resources_dir() / "models" / "medalign-demo" / "model.safetensors"
+    _, _, extra = read_checkpoint(path)
+    trained = set(extra["trained_findings"])
+    assert set(extra["thresholds"]) == set(extra["validation_auc"]) == trained
+    assert all(0.0 <= v <= 1.0 for v in extra["validation_auc"].values())

@@ -102,7 +102,8 @@ def report_csv(report: dict[str, Any]) -> str:
         writer.writerow({
             "finding": entry["finding"], "verdict": entry["verdict"], "probability": entry["probability"],
             "uncertainty": entry["uncertainty"],
-            "validation_auc": "" if entry["validation_auc"] is None else entry["validation_auc"], "hotspot_r": ras[0], "hotspot_a": ras[1], "hotspot_s": ras[2],
+            "validation_auc": "" if entry["validation_auc"] is None else entry["validation_auc"],
+            "hotspot_r": ras[0], "hotspot_a": ras[1], "hotspot_s": ras[2],
             "location": ev.get("location") or "", "extent_mm3": ev.get("extent_mm3", ""), "map": ev.get("map") or "",
             "definition": entry["definition"],
         })

@@ -16,7 +16,7 @@ import torch
 
 from .errors import CancelledError
 from .models.base import ScreeningModel
-from .results import FindingResult, Hotspot, ScreeningResult
+from .results import FindingResult, Hotspot, ScreeningResult, is_near_chance
 from .volume import Volume
 
 ProgressFn = Callable[[float, str], None]
@@ -221,20 +221,19 @@ class Screener:
             published = self.model.published_score(feats, p.positive[:1].to(dev))
             kb = find(p.finding)
             knowledge = {"definition": kb.definition} if kb is not None else {}
-            result = FindingResult(
+            auc = validation_auc.get(p.finding)
+            results.append(FindingResult(
                 name=p.finding,
                 probability=prob,
                 uncertainty=uncertainty,
-                flagged=False,
+                flagged=prob >= thresholds.get(p.finding, 0.5) and not is_near_chance(auc),
                 score=float(logits[0] - logits[1]),
                 map=map_volume,
                 hotspot=hotspot,
                 knowledge=knowledge,
                 published_score=None if published is None else float(published[0, 0]),
-                validation_auc=validation_auc.get(p.finding),
-            )
-            result.flagged = prob >= thresholds.get(p.finding, 0.5) and not result.near_chance
-            results.append(result)
+                validation_auc=auc,
+            ))
         return results
 
 

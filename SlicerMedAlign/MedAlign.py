@@ -48,8 +48,9 @@ Pick a CT volume, a model and the findings to screen (the 18 CT-RATE abnormaliti
 15 rarer CT-RATE-LT ones, or any finding typed as free text) and press <b>Screen</b>.
 The results table ranks findings by probability with an uncertainty, a flag and the
 model's held-out AUC for the finding (below 0.7 it reads "near chance" and is never
-flagged); click a row to overlay that finding's local alignment map (where the image matches the finding's
-description), turn its hotspot into a segment, or export a structured report.<br><br>
+flagged); click a row to overlay that finding's local alignment map (where the image
+matches the finding's description), turn its hotspot into a segment, or export a
+structured report.<br><br>
 <b>The embedded model <i>medalign-demo</i> was trained on synthetic CT phantoms: it is a
 demonstration, not a clinical tool.</b> Research use only; not for clinical decisions.
 From the Python console: <code>slicer.util.getModuleLogic("MedAlign").screen(volumeNode,

@@ -173,7 +173,7 @@ class ScreeningLogic:
             columns["finding"].InsertNextValue(f.name)
             columns["probability"].InsertNextValue(float(f.probability))
             columns["uncertainty"].InsertNextValue(float(f.uncertainty))
-            columns["flag"].InsertNextValue("flagged" if f.flagged else ("near chance" if f.near_chance else ""))
+            columns["flag"].InsertNextValue(f.flag_state)
             columns["held-out AUC"].InsertNextValue(math.nan if f.validation_auc is None else float(f.validation_auc))
             for axis, value in zip("RAS", ras):
                 columns[f"hotspot {axis}"].InsertNextValue(float(value))

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
+# report.json wording of FindingResult.flag_state
+VERDICTS = {"flagged": "flagged", "near chance": "not flagged: near chance on held-out data", "": "not flagged"}
 REPORT_CSV_COLUMNS = [
     "finding", "verdict", "probability", "uncertainty", "validation_auc", "hotspot_r", "hotspot_a", "hotspot_s",
     "location", "extent_mm3", "map", "definition",
@@ -72,8 +74,7 @@ def finding_report(finding: "FindingResult") -> dict[str, Any]:
     return {
         "finding": finding.name,
         "definition": _definition(finding),
-        "verdict": "flagged" if finding.flagged else ("not flagged: near chance on held-out data" if finding.near_chance
-                                                      else "not flagged"),
+        "verdict": VERDICTS[finding.flag_state],
         "validation_auc": finding.validation_auc,
         "probability": round(float(finding.probability), 4),
         "uncertainty": round(float(finding.uncertainty), 4),

@@ -71,6 +71,11 @@ class FindingResult:
         """The model was validated for this finding and barely tells cases apart."""
         return is_near_chance(self.validation_auc)
 
+    @property
+    def flag_state(self) -> str:
+        """"flagged", "near chance" (never flagged) or "": the one word every front end shows."""
+        return "flagged" if self.flagged else "near chance" if self.near_chance else ""
+
     def to_dict(self) -> dict[str, Any]:
         d = {
             "name": self.name,

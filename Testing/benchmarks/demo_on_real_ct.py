@@ -55,8 +55,8 @@ def main() -> None:
             continue
         top = result.ranked()[:5]
         # * flagged; (n/c) near chance on held-out data, so never flagged
-        print(f"{name}: " + ", ".join(f"{f.name} {f.probability:.2f}{'*' if f.flagged else ' (n/c)' if f.near_chance else ''}"
-                                      for f in top))
+        marks = {"flagged": "*", "near chance": " (n/c)", "": ""}
+        print(f"{name}: " + ", ".join(f"{f.name} {f.probability:.2f}{marks[f.flag_state]}" for f in top))
         for warning in result.warnings:
             print(f"   warning: {warning}")
         entry = {"top5": [(f.name, round(f.probability, 3), f.flagged) for f in top], "warnings": result.warnings}

@@ -86,7 +86,7 @@ def print_table(result, stream) -> None:
     for f in result.ranked():
         h = f.hotspot
         where = "" if h is None else "(" + ", ".join(f"{v:.0f}" for v in h.ras) + ")"
-        flag = "  * " if f.flagged else (" n/c" if f.near_chance else "    ")
+        flag = {"flagged": "  * ", "near chance": " n/c", "": "    "}[f.flag_state]
         auc = "   -" if f.validation_auc is None else f"{f.validation_auc:4.2f}"
         print(f"{f.name[:38]:38s} {f.probability:6.3f} {f.uncertainty:6.3f}  {flag}  {auc}  {where}", file=stream)
     if any(f.validation_auc is not None for f in result.findings):

@@ -46,7 +46,7 @@ from .phantom_anatomy import (
 )
 from .volume import Volume
 
-GENERATOR_VERSION = "1.1"  # 1.1: dense bone, contrast inflow, ECG leads, emphysema by lung fraction
+GENERATOR_VERSION = "1.2"  # 1.1: dense bone, contrast inflow, ECG leads, emphysema by lung fraction; 1.2: nodes in fat
 
 #: Every CT-RATE finding can be inserted (all 18, in CT-RATE order).
 PHANTOM_FINDINGS: list[str] = list(CT_RATE_FINDINGS)
@@ -628,18 +628,17 @@ def _stations(anat: Anatomy) -> dict[str, np.ndarray]:
 
 
 def _nodes(c: _Ctx, names: list[str], short_axis: tuple[float, float], finding: str | None) -> list[dict[str, Any]]:
-    rng, anat, g = c.rng, c.anat, c.grid
+    rng, anat = c.rng, c.anat
     st = _stations(anat)
     out = []
     for name in names:
         sa = float(rng.uniform(*short_axis))
         la = sa * float(rng.uniform(1.0, 1.5))
-        centre = anat.to_world(*st[name]) + rng.normal(0, 3.0, size=3)
-        res = ellipsoid(g, centre, np.array([sa / 2, sa / 2, la / 2]), _random_rot(rng) if la / sa < 1.1 else None)
-        if res is None:
+        semi = np.array([sa / 2, sa / 2, la / 2])
+        site = _node_site(c, anat.to_world(*st[name]), semi, _random_rot(rng) if la / sa < 1.1 else None)
+        if site is None:
             continue
-        sl, lvl = res
-        m = lvl < 1.0
+        centre, sl, m = site
         paint(c.hu, sl, m, float(rng.uniform(30.0, 50.0)))
         c.blocked[sl] |= m
         if finding:
@@ -647,6 +646,36 @@ def _nodes(c: _Ctx, names: list[str], short_axis: tuple[float, float], finding: 
             c.force(finding, centre)
         out.append({"station": name, "short_axis_mm": round(sa, 1), "long_axis_mm": round(la, 1), "center_ras": c.ras(centre)})
     return out
+
+
+NODE_SITE_TRIES = 24
+FAT_HU = (-150.0, -30.0)  # noise-free anatomy: mediastinal fat is HU_FAT or HU_FAT + 10
+
+
+def _node_site(c: _Ctx, station: np.ndarray, semi: np.ndarray, rot: np.ndarray | None
+               ) -> tuple[np.ndarray, tuple[slice, slice, slice], np.ndarray] | None:
+    """Centre near ``station`` where a node lies in mediastinal fat, and the fat voxels it fills.
+
+    Lymph nodes sit in fat and push it aside. Generator 1.1 painted them wherever the
+    station fell: 40% of node voxels landed on lung (a blob that looks like a lung
+    nodule, but unlabelled as one) and 26% on vessels or heart, where a 40 HU node in
+    40 HU blood is invisible. The search widens until 90% of the node is fat; the node
+    then covers fat only, so what is labelled is what is visible."""
+    best = None
+    for attempt in range(NODE_SITE_TRIES):
+        centre = station + c.rng.normal(0.0, 3.0 + 0.5 * attempt, size=3)
+        res = ellipsoid(c.grid, centre, semi, rot)
+        if res is None:
+            continue
+        sl, lvl = res
+        inside = lvl < 1.0
+        fat = inside & (c.hu[sl] >= FAT_HU[0]) & (c.hu[sl] <= FAT_HU[1]) & ~c.blocked[sl]
+        share = fat.sum() / max(int(inside.sum()), 1)
+        if fat.any() and (best is None or share > best[0]):
+            best = (share, centre, sl, fat)
+        if share >= 0.9:
+            break
+    return None if best is None else best[1:]
 
 
 def _lymphadenopathy(c: _Ctx) -> dict[str, Any]:

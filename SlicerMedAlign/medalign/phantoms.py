@@ -29,6 +29,7 @@ from .knowledge import CT_RATE_FINDINGS, load_knowledge
 from .parallel import ordered_map
 from .phantom_anatomy import (
     HU_AIR,
+    HU_FAT,
     Anatomy,
     anterior_skin_v,
     Branch,
@@ -649,7 +650,7 @@ def _nodes(c: _Ctx, names: list[str], short_axis: tuple[float, float], finding: 
 
 
 NODE_SITE_TRIES = 24
-FAT_HU = (-150.0, -30.0)  # noise-free anatomy: mediastinal fat is HU_FAT or HU_FAT + 10
+FAT_HU = (HU_FAT - 50.0, HU_FAT + 70.0)  # noise-free anatomy: mediastinal fat is HU_FAT or HU_FAT + 10
 
 
 def _node_site(c: _Ctx, station: np.ndarray, semi: np.ndarray, rot: np.ndarray | None

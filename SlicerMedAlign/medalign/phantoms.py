@@ -47,7 +47,8 @@ from .phantom_anatomy import (
 )
 from .volume import Volume
 
-GENERATOR_VERSION = "1.2"  # 1.1: dense bone, contrast inflow, ECG leads, emphysema by lung fraction; 1.2: nodes in fat
+GENERATOR_VERSION = "1.3"  # 1.1: dense bone, contrast inflow, ECG leads, emphysema by lung fraction; 1.2: nodes in fat;
+# 1.3: one random stream per painter and one for the scanner stage (counterfactual twins)
 
 #: Every CT-RATE finding can be inserted (all 18, in CT-RATE order).
 PHANTOM_FINDINGS: list[str] = list(CT_RATE_FINDINGS)
@@ -945,7 +946,8 @@ def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple
 
     geom = sample_geometry(rng, spacing)
     heart_scale = float(rng.uniform(1.22, 1.45)) if present["Cardiomegaly"] else float(rng.uniform(0.88, 1.05))
-    peri_mm = float(rng.uniform(5.0, 20.0)) if present["Pericardial effusion"] else 0.0
+    peri_mm = float(rng.uniform(5.0, 20.0))  # drawn either way: the anatomy after it stays the same
+    peri_mm = peri_mm if present["Pericardial effusion"] else 0.0
     contrast = bool(rng.random() < 0.3)
     anat = build_anatomy(rng, geom, heart_scale=heart_scale, pericardial_fluid_mm=peri_mm, contrast=contrast)
     anat.p["z_table"] = float(np.round(rng.uniform(-420.0, -80.0), 1))
@@ -980,10 +982,16 @@ def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple
     normal_nodes = [n for n in _stations(anat) if rng.random() < 0.3 and not present["Lymphadenopathy"]]
     _nodes(ctx, normal_nodes, (4.0, 8.5), None)
 
-    for name, painter in _PAINTERS.items():
+    # One random stream per painter and one for the scanner stage, split off the seed
+    # rather than drawn in sequence: turning one finding on or off (``labels``) then leaves
+    # the other lesions, the ECG leads and the noise as they were (counterfactual twins).
+    *painter_rngs, scanner_rng = rng.spawn(len(_PAINTERS) + 1)
+    for (name, painter), painter_rng in zip(_PAINTERS.items(), painter_rngs):
         if present[name]:
+            ctx.rng = painter_rng
             facts[name] = painter(ctx)
 
+    rng = ctx.rng = scanner_rng
     if p["inflow"] is not None:  # beam hardening next to undiluted contrast
         _streaks(ctx, p["inflow"], amp=float(rng.uniform(30.0, 120.0)))
     n_ecg = _ecg_leads(ctx) if rng.random() < 0.5 else 0

@@ -78,6 +78,26 @@ def test_forced_labels_and_prevalence():
         make_phantom(1, spacing=(0.0, 1.0, 1.0))
 
 
+def test_counterfactual_twins_differ_only_in_the_toggled_lesion():
+    """Counterfactual twins (Testing/benchmarks/counterfactual_twins.py): the same seed with
+    one finding on and off keeps every other lesion, the devices and the noise."""
+    from scipy import ndimage
+
+    others = {name: int(i % 3 == 0) for i, name in enumerate(CT_RATE_FINDINGS)}  # six other findings on
+    for finding in ("Lung nodule", "Arterial wall calcification"):
+        others[finding] = 0
+        on = make_phantom(21, labels=others | {finding: 1}, spacing=COARSE)
+        off = make_phantom(21, labels=others | {finding: 0}, spacing=COARSE)
+        lesion = (on.mask & BIT[finding]) > 0
+        assert lesion.any() and not (off.mask & BIT[finding]).any()
+        assert np.array_equal(on.mask & ~BIT[finding], off.mask)  # the other lesions, voxel for voxel
+        # outside the lesion (and the blur's one-voxel reach) only rounding differs
+        near = ndimage.binary_dilation(lesion, iterations=2)
+        diff = np.abs(on.volume.array.astype(np.int32) - off.volume.array.astype(np.int32))
+        assert diff[~near].max() <= 1
+        assert diff[lesion].mean() > 50  # and the lesion itself is there
+
+
 def _region(ph, name):
     return ph.volume.array[(ph.mask & BIT[name]) > 0].astype(np.float32)
 
@@ -129,7 +149,7 @@ def test_normal_anatomy_is_as_dense_as_real_scans():
     """Real chest CTs hold bone, undiluted contrast and ECG snaps above 1000 HU with no
     device in them; phantoms must too, or the model reads every dense voxel as medical
     material (version 3 of the demo model did, on every shared real CT)."""
-    for seed in (0, 1, 42):  # seed 42 (on this grid, no findings) has contrast inflow and ECG leads
+    for seed in (0, 1, 13):  # seed 13 (on this grid, no findings) has contrast inflow and ECG leads
         ph = make_phantom(seed, labels=NONE, spacing=COARSE)
         a = ph.volume.array
         assert not np.any(ph.mask & BIT["Medical material"])

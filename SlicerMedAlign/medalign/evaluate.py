@@ -22,7 +22,9 @@ from .train import resolve_labels
 from .volume import Volume
 
 
-def _mask_bit(mask: Volume, finding: str) -> np.ndarray | None:
+def mask_bit(mask: Volume, finding: str) -> np.ndarray | None:
+    """One finding's lesion from a phantom-style bitmask (bit f = CT_RATE_FINDINGS[f]); None
+    for findings outside CT-RATE, which such masks cannot carry."""
     from .knowledge import CT_RATE_FINDINGS
 
     if finding not in CT_RATE_FINDINGS:
@@ -86,7 +88,7 @@ def evaluate(
             fr = result.finding(name)
             probs[ci, fi] = fr.probability
             if mask is not None and labels[ci, fi] == 1 and fr.map is not None and fr.hotspot is not None:
-                lesion = _mask_bit(mask, name)
+                lesion = mask_bit(mask, name)
                 if lesion is not None and lesion.any():
                     loc[name].append(localization(fr.map, fr.hotspot.ras, mask, lesion, tol))
 

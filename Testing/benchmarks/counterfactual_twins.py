@@ -35,7 +35,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from medalign.evaluate import _mask_bit, localization
+from medalign.evaluate import mask_bit, localization
 from medalign.knowledge import CT_RATE_FINDINGS
 from medalign.phantoms import make_phantom
 from medalign.screening import Screener
@@ -62,7 +62,7 @@ def twin_scores(screener: Screener, finding: str, seed: int, tolerance_mm: float
         out["score_on" if label else "score_off"] = result.score
         if label and result.map is not None and result.hotspot is not None:
             mask = Volume(phantom.mask, phantom.volume.ijk_to_ras)
-            lesion = _mask_bit(mask, finding)
+            lesion = mask_bit(mask, finding)
             loc = localization(result.map, result.hotspot.ras, mask, lesion, tolerance_mm)
             out["hit"], out["hit_tolerant"], out["voxel_auc"] = loc["hit"], loc["hit_tolerant"], loc["voxel_auc"]
     return out

@@ -55,6 +55,34 @@ def test_short_training_lowers_loss_and_resumes(tmp_path):
     assert extra2["steps"] == 44
 
 
+def test_training_can_start_from_another_models_weights(tmp_path):
+    """Fine-tuning: ``init`` loads a checkpoint's weights (text projection included, so the
+    text warm-up is skipped) under a fresh optimizer; a model of another shape is refused."""
+    import torch
+
+    from medalign.errors import InputError
+    from medalign.models.medalign_model import read_checkpoint, tiny_config
+    from medalign.train import TrainConfig, train
+
+    data = _cohort(tmp_path / "cohort")
+    base = tmp_path / "base.safetensors"
+    train(TrainConfig(data=data, out=base, steps=6, batch_size=4, lr=2e-3, warmup=2, device="cpu",
+                      model_config=tiny_config()), progress=False)
+    tuned = tmp_path / "tuned.safetensors"
+    logs = []
+    train(TrainConfig(data=data, out=tuned, steps=2, batch_size=4, lr=0.0, warmup=1, device="cpu",
+                      model_config=tiny_config(), init=base), progress=False, log=logs.append)
+    assert any("starting from the weights" in line for line in logs)
+    assert not any("text anchors separated" in line for line in logs)
+    _, before, _ = read_checkpoint(base)
+    _, after, extra = read_checkpoint(tuned)
+    assert extra["steps"] == 2 and extra["init"] == str(base)  # a fresh run, and where it started
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(InputError, match="another model configuration"):
+        train(TrainConfig(data=data, out=tmp_path / "x.safetensors", steps=1, batch_size=4, device="cpu", init=base),
+              progress=False)
+
+
 def test_eval_writes_metrics_roc_and_localization(tmp_path):
     from medalign.evaluate import evaluate
     from medalign.models.medalign_model import tiny_test_model

@@ -83,6 +83,33 @@ def test_training_can_start_from_another_models_weights(tmp_path):
               progress=False)
 
 
+def test_cli_fine_tunes_the_embedded_demo_model_by_name(tmp_path, monkeypatch, capsys):
+    """``--init medalign-demo`` resolves the registry's hash-checked weights; at learning rate 0
+    the result is the demo model's weights. Unknown or non-medalign models are one sentence."""
+    import torch
+
+    from medalign.cli import main
+    from medalign.models.medalign_model import read_checkpoint
+    from medalign.registry import get, resolve_weights
+
+    monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path / "home"))
+    data = _cohort(tmp_path / "cohort", n=4)
+    out = tmp_path / "tuned.safetensors"
+    args = ["train", "--data", str(data), "--out", str(out), "--steps", "1", "--batch-size", "2", "--lr", "0",
+            "--device", "cpu", "--workers", "1"]
+    assert main(args + ["--init", "medalign-demo"]) == 0
+    _, demo, _ = read_checkpoint(resolve_weights(get("medalign-demo")))
+    _, tuned, extra = read_checkpoint(out)
+    assert extra["init"].endswith("model.safetensors")
+    assert all(torch.equal(demo[k], tuned[k]) for k in demo)
+    capsys.readouterr()
+    for name, phrase in (("no-such-model", "Unknown model"), ("ct-clip", "medalign-family")):
+        fresh = tmp_path / f"{name}.safetensors"
+        assert main(args[:3] + ["--out", str(fresh)] + args[5:] + ["--init", name]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and phrase in err[0] and not fresh.exists()
+
+
 def test_eval_writes_metrics_roc_and_localization(tmp_path):
     from medalign.evaluate import evaluate
     from medalign.models.medalign_model import tiny_test_model

@@ -28,11 +28,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--decorrelate", type=float, default=1.0,
                    help="weight that makes the findings' present-minus-absent text directions orthogonal before "
                    "training, so one finding's score does not follow another's (0: demo models 1-4's warm-up)")
-    p.add_argument("--init", type=Path, default=None, metavar="CKPT",
-                   help="start from this checkpoint's weights with a fresh optimizer (fine-tune a model, e.g. the demo "
-                   "model, on your cohort); its text projection stays as it is")
+    p.add_argument("--init", default=None, metavar="CKPT|MODEL",
+                   help="start from these weights with a fresh optimizer: a checkpoint file or a registered medalign "
+                   "model such as medalign-demo (fine-tune it on your cohort); its text projection stays as it is")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint and its state exist")
     p.set_defaults(func=run)
+
+
+def _init_weights(spec: str | None) -> Path | None:
+    """A checkpoint file as given, or a registered model's hash-checked weights."""
+    if spec is None:
+        return None
+    if Path(spec).is_file() or spec.endswith(".safetensors") or "/" in spec or "\\" in spec:
+        return Path(spec)  # a file; a missing one is reported by the checkpoint reader
+    from ..errors import InputError
+    from ..registry import get, resolve_weights
+
+    entry = get(spec)  # an unknown name is one sentence listing the known ones
+    if entry.family != "medalign":
+        raise InputError(f"--init needs a medalign-family model; '{spec}' is {entry.family}.")
+    return resolve_weights(entry)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, cache=args.cache, workers=args.workers, resume=not args.no_resume, val_data=args.val_data,
-        decorrelate=args.decorrelate, init=args.init,
+        decorrelate=args.decorrelate, init=_init_weights(args.init),
     )
     path = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and calibrates

@@ -66,14 +66,12 @@ def main() -> None:
     cases = load_cohort(args.data)[: args.cases]
     labels = resolve_labels(cases, [args.finding]).numpy()[:, 0]
     bit = 1 << CT_RATE_FINDINGS.index(args.finding)
+    profile, stride = screener.model.profile, screener.model.patch_size[0]
     medians, shares_present, above, gaps = [], [], [], []
     for case, label in zip(cases, labels):
         margin, prepared = token_margins(screener, args.finding, read_volume(case.volume_path))
-        tokens = token_mask(read_volume(case.mask_path), prepared.grid_to_ras, screener.model.profile.size,
-                            screener.model.patch_size[0])
-        lesion = (tokens & bit) != 0
-        model = screener.model
-        free = tissue_tokens(prepared.tensor[0].float(), tuple(args.tissue_hu), model.profile, model.patch_size[0]) & ~lesion
+        lesion = (token_mask(read_volume(case.mask_path), prepared.grid_to_ras, profile.size, stride) & bit) != 0
+        free = tissue_tokens(prepared.tensor[0].float(), tuple(args.tissue_hu), profile, stride) & ~lesion
         medians.append(float(margin[free].median()))
         shares_present.append(float((margin[free] > 0).float().mean()))
         if label == 1 and lesion.any():

@@ -110,6 +110,59 @@ def test_cli_fine_tunes_the_embedded_demo_model_by_name(tmp_path, monkeypatch, c
         assert len(err) == 1 and phrase in err[0] and not fresh.exists()
 
 
+def test_deeper_local_path_trains_in_mixed_precision_and_reloads(tmp_path):
+    """``local_blocks`` adds residual convolutions on the 16 mm local path; ``bf16`` runs the
+    forward and losses under autocast while weights and checkpoint stay float32."""
+    import dataclasses
+
+    import torch
+
+    from medalign.models.medalign_model import load_checkpoint, read_checkpoint, tiny_config
+    from medalign.train import TrainConfig, train
+
+    data = _cohort(tmp_path / "cohort")
+    out = tmp_path / "deep.safetensors"
+    train(TrainConfig(data=data, out=out, steps=30, batch_size=4, lr=2e-3, warmup=5, device="cpu", precision="bf16",
+                      model_config=dataclasses.replace(tiny_config(), local_blocks=2)), progress=False)
+    cfg, tensors, extra = read_checkpoint(out)
+    assert cfg.local_blocks == 2 and extra["precision"] == "bf16"
+    assert any(k.startswith("local_path.1.") for k in tensors)
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    assert extra["final_loss"] < extra["initial_loss"]
+    model = load_checkpoint(out)
+    assert len(model.local_path) == 2
+    from medalign.errors import InputError
+
+    with pytest.raises(InputError, match="float32 or bf16"):  # fp16 would need loss scaling
+        train(TrainConfig(data=data, out=tmp_path / "half.safetensors", steps=1, device="cpu", precision="fp16",
+                          model_config=tiny_config()), progress=False)
+    assert not (tmp_path / "half.safetensors").exists()
+
+
+def test_cli_model_size_flags(tmp_path, monkeypatch, capsys):
+    """New models take --local-blocks/--vit-depth; --init keeps its weights' size, so a size flag
+    beside it, or an impossible size, is one sentence with nothing written."""
+    from medalign.cli import main
+    from medalign.models.medalign_model import read_checkpoint
+    from medalign.registry import get, resolve_weights
+
+    monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path / "home"))
+    assert read_checkpoint(resolve_weights(get("medalign-demo")))[0].local_blocks == 0  # written before the option
+    data = _cohort(tmp_path / "cohort", n=4)
+    args = ["train", "--data", str(data), "--steps", "1", "--batch-size", "2", "--device", "cpu", "--workers", "1"]
+    out = tmp_path / "sized.safetensors"
+    assert main(args + ["--out", str(out), "--local-blocks", "1", "--vit-depth", "1"]) == 0
+    cfg, _, _ = read_checkpoint(out)
+    assert cfg.local_blocks == 1 and cfg.vit.depth == 1
+    capsys.readouterr()
+    for extra, phrase in ((["--init", "medalign-demo", "--local-blocks", "2"], "fixes the model size"),
+                          (["--vit-depth", "0"], "at least 1"), (["--local-blocks", "-1"], "0 or more")):
+        fresh = tmp_path / "refused.safetensors"
+        assert main(args + ["--out", str(fresh)] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and phrase in err[0] and not fresh.exists()
+
+
 def test_eval_writes_metrics_roc_and_localization(tmp_path):
     from medalign.evaluate import evaluate
     from medalign.models.medalign_model import tiny_test_model

@@ -31,6 +31,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", default=None, metavar="CKPT|MODEL",
                    help="start from these weights with a fresh optimizer: a checkpoint file or a registered medalign "
                    "model such as medalign-demo (fine-tune it on your cohort); its text projection stays as it is")
+    p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
+                   help="bf16: mixed precision (bfloat16 autocast; weights, optimizer and checkpoint stay "
+                   "float32), for GPUs with bfloat16")
+    arch = p.add_argument_group("model size (new models; --init takes the size of its weights)")
+    arch.add_argument("--local-blocks", type=int, default=None, metavar="N",
+                      help="residual 3x3x3 convolution blocks on the 16 mm local path (default 0, as the demo model); "
+                      "more depth for small lesions, for GPU training")
+    arch.add_argument("--vit-depth", type=int, default=None, metavar="N", help="transformer layers (default 2)")
     p.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint and its state exist")
     p.set_defaults(func=run)
 
@@ -50,13 +58,35 @@ def _init_weights(spec: str | None) -> Path | None:
     return resolve_weights(entry)
 
 
+def _model_config(args: argparse.Namespace, init: Path | None):
+    """The architecture to train: the defaults or the --init weights' own, changed by the size flags."""
+    import dataclasses
+
+    from ..errors import InputError
+    from ..models.medalign_model import MedAlignConfig, read_checkpoint
+
+    cfg = read_checkpoint(init)[0] if init is not None else MedAlignConfig()
+    for flag, value in (("--local-blocks", args.local_blocks), ("--vit-depth", args.vit_depth)):
+        if value is not None and value < (1 if flag == "--vit-depth" else 0):
+            raise InputError(f"{flag} must be {'at least 1' if flag == '--vit-depth' else '0 or more'}; got {value}.")
+    changed = cfg
+    if args.local_blocks is not None:
+        changed = dataclasses.replace(changed, local_blocks=args.local_blocks)
+    if args.vit_depth is not None:
+        changed = dataclasses.replace(changed, vit=dataclasses.replace(cfg.vit, depth=args.vit_depth))
+    if init is not None and changed != cfg:
+        raise InputError(f"--init {init.name} fixes the model size; leave out --local-blocks and --vit-depth.")
+    return changed
+
+
 def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, calibrate, train
 
+    init = _init_weights(args.init)
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, cache=args.cache, workers=args.workers, resume=not args.no_resume, val_data=args.val_data,
-        decorrelate=args.decorrelate, init=_init_weights(args.init),
+        decorrelate=args.decorrelate, init=init, precision=args.precision, model_config=_model_config(args, init),
     )
     path = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and calibrates

@@ -62,6 +62,10 @@ class MedAlignConfig:
     # a depthwise 3x3x3 convolution in the local head (demo versions 1-2): 30% of a CPU
     # training step for little gain, so new models leave it out
     local_depthwise: bool = False
+    # residual 3x3x3 convolution blocks on the stride-4 stem features before they join the
+    # ViT tokens: a deeper path for the shape of small lesions (nodules, plaques, nodes) that
+    # two stem convolutions cannot tell from normal anatomy; 0 = demo versions 1-5
+    local_blocks: int = 0
     logit_scale: float = 10.0  # initial value; learned
     profile: PreprocessProfile = DEMO
     prompt_templates: dict = field(default_factory=lambda: {k: list(v) for k, v in PROMPT_TEMPLATES.items()})
@@ -77,6 +81,7 @@ class MedAlignConfig:
         d["profile"] = PreprocessProfile.from_dict(d["profile"])
         d["stem_channels"] = tuple(d["stem_channels"])
         d.setdefault("local_depthwise", True)  # written before the option existed
+        d.setdefault("local_blocks", 0)
         return cls(**d)
 
 
@@ -86,6 +91,18 @@ def _conv_block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv3d(cin, cout, kernel_size=4, stride=2, padding=1), nn.GroupNorm(min(8, cout), cout), nn.GELU()
     )
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1), nn.GroupNorm(min(8, channels), channels), nn.GELU(),
+            nn.Conv3d(channels, channels, kernel_size=3, padding=1), nn.GroupNorm(min(8, channels), channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(x + self.body(x))
 
 
 class MedAlignModel(ScreeningModel):
@@ -99,6 +116,7 @@ class MedAlignModel(ScreeningModel):
         chans = (cfg.profile.n_channels, *cfg.stem_channels)
         self.stem = nn.ModuleList(_conv_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
         c2 = cfg.stem_channels[1]
+        self.local_path = nn.Sequential(*(_ResidualBlock(c2) for _ in range(cfg.local_blocks)))
         self.vit = ViT3D(cfg.vit)
         w, e = cfg.vit.width, cfg.embed_dim
         self.global_embedder = nn.Linear(w, e)
@@ -118,7 +136,7 @@ class MedAlignModel(ScreeningModel):
         for block in self.stem:
             x = block(x)
             levels.append(x)
-        s2 = levels[1]  # stride 4: where the local tokens live
+        s2 = self.local_path(levels[1])  # stride 4: where the local tokens live
         cls, patches, grid = self.vit(levels[-1])
         b = patches.shape[0]
         coarse = patches.transpose(1, 2).reshape(b, -1, *grid)

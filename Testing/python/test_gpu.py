@@ -37,3 +37,21 @@ def test_gpu_matches_cpu_in_float32():
     cpu = screen(synthetic_ct(), findings="ct-rate", device="cpu", precision="float32")
     for fg, fc in zip(gpu.findings, cpu.findings):
         assert abs(fg.probability - fc.probability) < 1e-3, fg.name
+
+
+def test_training_on_gpu_in_bf16_lowers_the_loss(tmp_path):
+    """The CUDA training path with --precision bf16 and a deeper local path: float32 weights out."""
+    import dataclasses
+
+    from test_train_eval import _cohort
+
+    from medalign.models.medalign_model import read_checkpoint, tiny_config
+    from medalign.train import TrainConfig, train
+
+    out = tmp_path / "gpu.safetensors"
+    train(TrainConfig(data=_cohort(tmp_path / "cohort"), out=out, steps=30, batch_size=4, lr=2e-3, warmup=5,
+                      device="cuda", precision="bf16", model_config=dataclasses.replace(tiny_config(), local_blocks=1)),
+          progress=False)
+    _, tensors, extra = read_checkpoint(out)
+    assert extra["precision"] == "bf16" and extra["final_loss"] < extra["initial_loss"]
+    assert all(t.dtype == torch.float32 for t in tensors.values())

@@ -65,18 +65,20 @@ def _model_config(args: argparse.Namespace, init: Path | None):
     from ..errors import InputError
     from ..models.medalign_model import MedAlignConfig, read_checkpoint
 
-    cfg = read_checkpoint(init)[0] if init is not None else MedAlignConfig()
-    for flag, value in (("--local-blocks", args.local_blocks), ("--vit-depth", args.vit_depth)):
-        if value is not None and value < (1 if flag == "--vit-depth" else 0):
-            raise InputError(f"{flag} must be {'at least 1' if flag == '--vit-depth' else '0 or more'}; got {value}.")
-    changed = cfg
+    if args.local_blocks is not None and args.local_blocks < 0:
+        raise InputError(f"--local-blocks must be 0 or more; got {args.local_blocks}.")
+    if args.vit_depth is not None and args.vit_depth < 1:
+        raise InputError(f"--vit-depth must be at least 1; got {args.vit_depth}.")
+    if init is not None:
+        if args.local_blocks is not None or args.vit_depth is not None:
+            raise InputError(f"--init {init.name} fixes the model size; leave out --local-blocks and --vit-depth.")
+        return read_checkpoint(init)[0]
+    cfg = MedAlignConfig()
     if args.local_blocks is not None:
-        changed = dataclasses.replace(changed, local_blocks=args.local_blocks)
+        cfg = dataclasses.replace(cfg, local_blocks=args.local_blocks)
     if args.vit_depth is not None:
-        changed = dataclasses.replace(changed, vit=dataclasses.replace(cfg.vit, depth=args.vit_depth))
-    if init is not None and changed != cfg:
-        raise InputError(f"--init {init.name} fixes the model size; leave out --local-blocks and --vit-depth.")
-    return changed
+        cfg = dataclasses.replace(cfg, vit=dataclasses.replace(cfg.vit, depth=args.vit_depth))
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

@@ -418,7 +418,11 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     labels = labels[:, keep]
 
     model = MedAlignModel(cfg.model_config)
-    if cfg.init is not None and not _resumable(cfg):  # checked before minutes of preprocessing
+    # both checked before minutes of preprocessing
+    if is_resumable(cfg):
+        _require_config(model, cfg.out, "it cannot be continued with another model size; start over with "
+                        "--no-resume or write to another --out")
+    elif cfg.init is not None:
         _load_init(model, cfg.init)
         log(f"starting from the weights of {cfg.init} (text projection kept frozen)")
     model.to(device)
@@ -537,24 +541,33 @@ def _check_precision(precision: str, device: torch.device) -> None:
         raise InputError(f"Training precision must be float32 or bf16, not {precision!r}.")
 
 
-def _resumable(cfg: TrainConfig) -> bool:
+def is_resumable(cfg: TrainConfig) -> bool:
+    """True when ``cfg.out`` and its optimizer state exist and resuming is allowed."""
     return cfg.resume and cfg.out.with_suffix(".train_state.pt").is_file() and cfg.out.is_file()
 
 
 def _resume_state(cfg: TrainConfig) -> dict | None:
     """The saved optimizer/scheduler/step state when this run continues an earlier one."""
-    return torch.load(cfg.out.with_suffix(".train_state.pt"), weights_only=True) if _resumable(cfg) else None
+    return torch.load(cfg.out.with_suffix(".train_state.pt"), weights_only=True) if is_resumable(cfg) else None
 
 
 def _load_init(model: MedAlignModel, path: Path) -> None:
     """Fine-tuning start: another run's weights, text projection included (so it stays frozen
     and the text warm-up is skipped); the model configuration must be the same."""
-    from .models.medalign_model import load_state_strict, read_checkpoint
+    from .models.medalign_model import load_state_strict
 
-    init_cfg, tensors, _ = read_checkpoint(path)
-    if init_cfg.to_json() != model.cfg.to_json():
-        raise InputError(f"{path} was trained with another model configuration; it cannot start this run.")
+    tensors = _require_config(model, path, "it cannot start this run")
     load_state_strict(model, tensors, path.name)
+
+
+def _require_config(model: MedAlignModel, path: Path, consequence: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, after checking it was trained with ``model``'s configuration."""
+    from .models.medalign_model import read_checkpoint
+
+    saved, tensors, _ = read_checkpoint(path)
+    if saved.to_json() != model.cfg.to_json():
+        raise InputError(f"{path} was trained with another model configuration; {consequence}.")
+    return tensors
 
 
 def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[str], history: list[float], seconds: float) -> None:

@@ -154,7 +154,15 @@ def test_cli_model_size_flags(tmp_path, monkeypatch, capsys):
     assert main(args + ["--out", str(out), "--local-blocks", "1", "--vit-depth", "1"]) == 0
     cfg, _, _ = read_checkpoint(out)
     assert cfg.local_blocks == 1 and cfg.vit.depth == 1
+    # continuing the run takes its size without the flags; another size is refused before any work
+    assert main(args[:4] + ["2"] + args[5:] + ["--out", str(out)]) == 0
+    cfg, _, extra = read_checkpoint(out)
+    assert cfg.local_blocks == 1 and extra["steps"] == 2
     capsys.readouterr()
+    assert main(args[:4] + ["3"] + args[5:] + ["--out", str(out), "--local-blocks", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another model configuration" in err[0] and "--no-resume" in err[0]
+    assert read_checkpoint(out)[2]["steps"] == 2
     for extra, phrase in ((["--init", "medalign-demo", "--local-blocks", "2"], "fixes the model size"),
                           (["--vit-depth", "0"], "at least 1"), (["--local-blocks", "-1"], "0 or more")):
         fresh = tmp_path / "refused.safetensors"

@@ -58,8 +58,9 @@ def _init_weights(spec: str | None) -> Path | None:
     return resolve_weights(entry)
 
 
-def _model_config(args: argparse.Namespace, init: Path | None):
-    """The architecture to train: the defaults or the --init weights' own, changed by the size flags."""
+def _model_config(args: argparse.Namespace, init: Path | None, resuming: bool):
+    """The architecture to train: the --init weights' own, the run being continued's own, or the
+    defaults changed by the size flags (a resumed run refuses flags that change its size)."""
     import dataclasses
 
     from ..errors import InputError
@@ -73,7 +74,7 @@ def _model_config(args: argparse.Namespace, init: Path | None):
         if args.local_blocks is not None or args.vit_depth is not None:
             raise InputError(f"--init {init.name} fixes the model size; leave out --local-blocks and --vit-depth.")
         return read_checkpoint(init)[0]
-    cfg = MedAlignConfig()
+    cfg = read_checkpoint(args.out)[0] if resuming else MedAlignConfig()
     if args.local_blocks is not None:
         cfg = dataclasses.replace(cfg, local_blocks=args.local_blocks)
     if args.vit_depth is not None:
@@ -82,14 +83,15 @@ def _model_config(args: argparse.Namespace, init: Path | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import TrainConfig, calibrate, train
+    from ..train import TrainConfig, calibrate, is_resumable, train
 
     init = _init_weights(args.init)
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         device=args.device, cache=args.cache, workers=args.workers, resume=not args.no_resume, val_data=args.val_data,
-        decorrelate=args.decorrelate, init=init, precision=args.precision, model_config=_model_config(args, init),
+        decorrelate=args.decorrelate, init=init, precision=args.precision,
     )
+    cfg.model_config = _model_config(args, init, is_resumable(cfg))
     path = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports and calibrates
         return 0

@@ -420,8 +420,8 @@ def train(cfg: TrainConfig, progress: bool = True, log=print) -> Path:
     model = MedAlignModel(cfg.model_config)
     # both checked before minutes of preprocessing
     if is_resumable(cfg):
-        _require_config(model, cfg.out, "it cannot be continued with another model size; start over with "
-                        "--no-resume or write to another --out")
+        _require_config(model, cfg.out, "continue it with its own configuration, or start over with "
+                        "--no-resume or another --out")
     elif cfg.init is not None:
         _load_init(model, cfg.init)
         log(f"starting from the weights of {cfg.init} (text projection kept frozen)")

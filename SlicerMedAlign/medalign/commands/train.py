@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="float32", choices=["float32", "bf16"],
                    help="bf16: mixed precision (bfloat16 autocast; weights, optimizer and checkpoint stay "
                    "float32), for GPUs with bfloat16")
-    arch = p.add_argument_group("model size (new models; --init takes the size of its weights)")
+    arch = p.add_argument_group("model size (new runs; --init and a resumed run keep their own size)")
     arch.add_argument("--local-blocks", type=int, default=None, metavar="N",
                       help="residual 3x3x3 convolution blocks on the 16 mm local path (default 0, as the demo model); "
                       "more depth for small lesions, for GPU training")

@@ -554,20 +554,18 @@ def _resume_state(cfg: TrainConfig) -> dict | None:
 def _load_init(model: MedAlignModel, path: Path) -> None:
     """Fine-tuning start: another run's weights, text projection included (so it stays frozen
     and the text warm-up is skipped); the model configuration must be the same."""
-    from .models.medalign_model import load_state_strict
+    from .models.medalign_model import load_state_strict, read_checkpoint
 
-    tensors = _require_config(model, path, "it cannot start this run")
-    load_state_strict(model, tensors, path.name)
+    _require_config(model, path, "it cannot start this run")
+    load_state_strict(model, read_checkpoint(path)[1], path.name)
 
 
-def _require_config(model: MedAlignModel, path: Path, consequence: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors, after checking it was trained with ``model``'s configuration."""
+def _require_config(model: MedAlignModel, path: Path, consequence: str) -> None:
+    """Refuse, from the file's header alone, a checkpoint trained with another configuration."""
     from .models.medalign_model import read_checkpoint
 
-    saved, tensors, _ = read_checkpoint(path)
-    if saved.to_json() != model.cfg.to_json():
+    if read_checkpoint(path, tensors=False)[0].to_json() != model.cfg.to_json():
         raise InputError(f"{path} was trained with another model configuration; {consequence}.")
-    return tensors
 
 
 def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[str], history: list[float], seconds: float) -> None:

@@ -73,8 +73,8 @@ def _model_config(args: argparse.Namespace, init: Path | None, resuming: bool):
     if init is not None:
         if args.local_blocks is not None or args.vit_depth is not None:
             raise InputError(f"--init {init.name} fixes the model size; leave out --local-blocks and --vit-depth.")
-        return read_checkpoint(init)[0]
-    cfg = read_checkpoint(args.out)[0] if resuming else MedAlignConfig()
+        return read_checkpoint(init, tensors=False)[0]
+    cfg = read_checkpoint(args.out, tensors=False)[0] if resuming else MedAlignConfig()
     if args.local_blocks is not None:
         cfg = dataclasses.replace(cfg, local_blocks=args.local_blocks)
     if args.vit_depth is not None:

@@ -215,7 +215,9 @@ def save_checkpoint(model: MedAlignModel, path: str | Path, extra: dict | None =
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[MedAlignConfig, dict[str, torch.Tensor], dict]:
+def read_checkpoint(path: str | Path, tensors: bool = True) -> tuple[MedAlignConfig, dict[str, torch.Tensor], dict]:
+    """(config, weights, training provenance); ``tensors=False`` reads only the header, for
+    callers that need the configuration of a possibly large file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -224,13 +226,13 @@ def read_checkpoint(path: str | Path) -> tuple[MedAlignConfig, dict[str, torch.T
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            weights = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except Exception as exc:  # safetensors raises several types for corrupt/truncated files
         raise CheckpointError(f"{path.name} is not a readable safetensors checkpoint (corrupt or truncated): {exc}.") from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path.name} is not a MedAlign checkpoint (metadata format {meta.get('format')!r}).")
     extra = json.loads(meta["extra"]) if "extra" in meta else {}
-    return MedAlignConfig.from_json(meta["config"]), tensors, extra
+    return MedAlignConfig.from_json(meta["config"]), weights, extra
 
 
 def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor], name: str) -> None:

@@ -24,7 +24,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 import MedAlignLib
-from medalign.errors import CancelledError, MedAlignError
+from medalign.core.errors import CancelledError, MedAlignError
 
 DEFAULT_MODEL = "medalign-demo"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -425,7 +425,7 @@ class MedAlignLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def models() -> list:
         """(name, description) of every registered model."""
-        from medalign.registry import list_models
+        from medalign.models.registry import list_models
 
         return [(entry.name, entry.description) for entry in list_models()]
 
@@ -433,7 +433,7 @@ class MedAlignLogic(ScriptedLoadableModuleLogic):
     def findingPreset(name: str) -> list:
         """"ct-rate" (18 findings) or "ct-rate-lt" (15 rarer ones); [] until PyYAML exists."""
         try:
-            from medalign.knowledge import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
+            from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
         except ImportError:  # knowledge base needs PyYAML, installed on first use
             return []
         return list({"ct-rate": CT_RATE_FINDINGS, "ct-rate-lt": CT_RATE_LT_FINDINGS}[name])
@@ -500,8 +500,8 @@ class MedAlignTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Checking Python dependencies")
         self.assertTrue(logic.installDependencies(askConfirmation=False))
 
-        from medalign.io import write_volume
-        from medalign.phantoms import make_phantom
+        from medalign.core.volume_io import write_volume
+        from medalign.synth.phantoms import make_phantom
 
         self.delayDisplay("Loading a synthetic chest CT")
         phantom = make_phantom(seed=11, labels={"Lung nodule": 1, "Pleural effusion": 1, "Cardiomegaly": 0},

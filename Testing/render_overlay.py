@@ -56,7 +56,7 @@ def load_input(app, path: Path | None):
         if path == SHARED_CT:
             caption += " (Lung-PET-CT-Dx, TCIA, CC BY 4.0)"
         return node, box, caption
-    from medalign.phantoms import make_phantom
+    from medalign.synth.phantoms import make_phantom
 
     phantom = make_phantom(seed=20261123, labels={"Lung nodule": 1, "Pleural effusion": 1})
     return node_from_volume(app.scene, phantom.volume, "phantom chest CT"), None, "synthetic phantom chest CT"
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     rgb = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, -1)[::-1, :, :3]
     picture = annotate(rgb, view, box, finding, result, caption)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    from medalign.io import atomic_output
+    from medalign.core.volume_io import atomic_output
 
     with atomic_output(args.out) as tmp:
         picture.save(tmp, format="PNG", optimize=True)
@@ -155,7 +155,7 @@ def annotate(rgb: np.ndarray, view, box, finding, result, caption: str):
 
 
 if __name__ == "__main__":
-    from medalign.errors import MedAlignError
+    from medalign.core.errors import MedAlignError
 
     try:
         sys.exit(main())

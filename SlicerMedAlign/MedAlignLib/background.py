@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from medalign.errors import CancelledError, MedAlignError
-from medalign.progress import PROGRESS_PREFIX, parse_progress_line
+from medalign.core.errors import CancelledError, MedAlignError
+from medalign.core.progress import PROGRESS_PREFIX, parse_progress_line
 
 from .nodes import volume_from_node
 
@@ -84,7 +84,7 @@ class BackgroundScreening:
 
     def command(self) -> list[str]:
         """Write the input and return the argv of ``medalign screen`` (module form, no console script needed)."""
-        from medalign.io import write_volume
+        from medalign.core.volume_io import write_volume
 
         if not self.input_path.exists():
             write_volume(volume_from_node(self.volume_node), self.input_path)

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import vtk
 
-from medalign.errors import CancelledError, InputError
-from medalign.results import MIN_FLAG_AUC
+from medalign.core.errors import CancelledError, InputError
+from medalign.inference.results import MIN_FLAG_AUC
 from .colors import build_color_node, find_color_node
 from .nodes import image_data_from_array, node_from_volume, numpy_to_matrix, volume_from_node
 
 if TYPE_CHECKING:  # the engine's result types pull in nothing heavy, but keep import time minimal
-    from medalign.results import FindingResult, ScreeningResult
+    from medalign.inference.results import FindingResult, ScreeningResult
 
 # Attribute / reference names (stable: saved scenes depend on them).
 ROLE = "MedAlign.Role"  # "results" | "map" | "segmentation"
@@ -68,7 +68,7 @@ class ScreeningLogic:
         The node is copied before the engine sees it, so it is never modified. Raises
         ``CancelledError`` (scene unchanged) when ``cancel()`` returns True.
         """
-        from medalign.screening import screen as engine_screen
+        from medalign.inference.screener import screen as engine_screen
 
         volume = volume_from_node(volumeNode)
         result = engine_screen(volume, findings=findings, model=model, device=device, progress=progress, cancel=cancel)
@@ -82,7 +82,7 @@ class ScreeningLogic:
 
     def load_results(self, out_dir: str | Path, volumeNode, parameters: dict | None = None):
         """Nodes for a results folder written by ``medalign screen`` (the background process)."""
-        from medalign.results import ScreeningResult
+        from medalign.inference.results import ScreeningResult
 
         result = ScreeningResult.read(out_dir)
         params = {"model": result.model, "findings": [f.name for f in result.findings], "device": result.device}
@@ -258,7 +258,7 @@ class ScreeningLogic:
 
     def result_from_table(self, table=None, load_maps: bool = True) -> "ScreeningResult":
         """Rebuild the engine's ``ScreeningResult`` from a (possibly reloaded) results table."""
-        from medalign.results import ScreeningResult
+        from medalign.inference.results import ScreeningResult
 
         table = self._table(table)
         text = table.GetAttribute(RESULT_JSON)

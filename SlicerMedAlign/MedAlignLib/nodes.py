@@ -12,8 +12,8 @@ import numpy as np
 import vtk
 from vtk.util import numpy_support
 
-from medalign.errors import InputError
-from medalign.volume import Volume
+from medalign.core.errors import InputError
+from medalign.core.volume import Volume
 
 __all__ = [
     "volume_from_node",

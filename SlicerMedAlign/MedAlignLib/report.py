@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from medalign.results import FindingResult, ScreeningResult
+    from medalign.inference.results import FindingResult, ScreeningResult
 
 REPORT_JSON = "report.json"
 REPORT_CSV = "report.csv"
@@ -51,7 +51,7 @@ def describe_location(ras: tuple[float, float, float] | np.ndarray,
 def _definition(finding: "FindingResult") -> str:
     if finding.knowledge.get("definition"):
         return str(finding.knowledge["definition"])
-    from medalign.knowledge import find
+    from medalign.knowledge.findings import find
 
     entry = find(finding.name)
     return entry.definition if entry is not None else ""
@@ -59,7 +59,7 @@ def _definition(finding: "FindingResult") -> str:
 
 def finding_report(finding: "FindingResult") -> dict[str, Any]:
     """One finding's report entry (JSON-able)."""
-    from medalign.results import MAPS_DIR, slug
+    from medalign.inference.results import MAPS_DIR, slug
 
     evidence: dict[str, Any] | None = None
     if finding.hotspot is not None:
@@ -113,7 +113,7 @@ def report_csv(report: dict[str, Any]) -> str:
 
 def export_report(result: "ScreeningResult", out_dir: str | Path) -> Path:
     """Write results.json/csv, maps/*.nii.gz, report.json and report.csv into ``out_dir``."""
-    from medalign.io import atomic_write_text
+    from medalign.core.volume_io import atomic_write_text
 
     out = Path(out_dir)
     result.write(out)

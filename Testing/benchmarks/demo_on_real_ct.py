@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medalign.errors import MedAlignError
-from medalign.io import read_volume
+from medalign.core.errors import MedAlignError
+from medalign.core.volume_io import read_volume
 from medalign.models import load
-from medalign.screening import Screener
+from medalign.inference.screener import Screener
 
 CASES = ["chest_ct_lung_mass.nii.gz", "chest_cta_mediastinum_crop.nii.gz", "abdomen_ct_3mm.nii.gz", "abdomen_ct_dicom", "mr_not_ct.nii.gz"]
 

@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medalign.datasets import load_cohort
-from medalign.io import read_volume
-from medalign.knowledge import CT_RATE_FINDINGS
-from medalign.preprocess import hu_to_model_value, prepare
-from medalign.screening import Screener
-from medalign.train import resolve_labels, token_mask
+from medalign.data.cohorts import load_cohort
+from medalign.core.volume_io import read_volume
+from medalign.knowledge.findings import CT_RATE_FINDINGS
+from medalign.inference.preprocess import hu_to_model_value, prepare
+from medalign.inference.screener import Screener
+from medalign.training.loop import resolve_labels, token_mask
 
 
 def token_margins(screener: Screener, finding: str, volume) -> tuple[torch.Tensor, object]:

@@ -32,10 +32,10 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from medalign.datasets import load_cohort
-from medalign.io import read_volume
-from medalign.knowledge import CT_RATE_FINDINGS
-from medalign.train import resolve_labels
+from medalign.data.cohorts import load_cohort
+from medalign.core.volume_io import read_volume
+from medalign.knowledge.findings import CT_RATE_FINDINGS
+from medalign.training.loop import resolve_labels
 
 NODULE_BIT = 1 << CT_RATE_FINDINGS.index("Lung nodule")
 

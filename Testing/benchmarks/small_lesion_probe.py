@@ -35,11 +35,11 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from medalign.datasets import load_cohort
-from medalign.knowledge import CT_RATE_FINDINGS
-from medalign.preprocess import hu_to_model_value
-from medalign.profiles import DEMO
-from medalign.train import PreparedCohort, resolve_labels
+from medalign.data.cohorts import load_cohort
+from medalign.knowledge.findings import CT_RATE_FINDINGS
+from medalign.inference.preprocess import hu_to_model_value
+from medalign.models.profiles import DEMO
+from medalign.training.loop import PreparedCohort, resolve_labels
 
 STRIDE = 4  # model voxels per local token along each axis
 

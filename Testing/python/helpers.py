@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medalign.volume import Volume
+from medalign.core.volume import Volume
 
 
 def synthetic_ct(shape_kji=(40, 64, 64), spacing=(5.0, 5.0, 6.0), seed: int = 0, blob_ras=None) -> Volume:

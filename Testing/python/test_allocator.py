@@ -1,4 +1,4 @@
-"""The torch commands re-run themselves once with glibc's allocator tuned (medalign.allocator)."""
+"""The torch commands re-run themselves once with glibc's allocator tuned (medalign.core.allocator)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medalign import allocator
+from medalign.core import allocator
 
 ENGINE = Path(__file__).resolve().parents[2] / "SlicerMedAlign"
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"

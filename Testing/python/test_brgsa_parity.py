@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from medalign.errors import CheckpointError, InputError, MedAlignError
+from medalign.core.errors import CheckpointError, InputError, MedAlignError
 from medalign.models import FAMILY_LOADERS, family_loader
 from medalign.models.brgsa import (
     IGNORED_KEYS,
@@ -27,7 +27,7 @@ from medalign.models.brgsa import (
     heatmap_volume_u8,
     load_brgsa,
 )
-from medalign.profiles import BRGSA
+from medalign.models.profiles import BRGSA
 
 ATOL, RTOL = 1e-5, 1e-4
 

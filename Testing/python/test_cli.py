@@ -10,8 +10,8 @@ import pytest
 
 from helpers import synthetic_ct, tiny_checkpoint
 from medalign.cli import main
-from medalign.download import sha256_file
-from medalign.io import write_volume
+from medalign.models.download import sha256_file
+from medalign.core.volume_io import write_volume
 
 
 @pytest.fixture()
@@ -20,7 +20,7 @@ def tiny_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MEDALIGN_OFFLINE", "1")
     ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
     assert main(["models", "add", "tiny", "--weights", str(ckpt), "--sha256", sha256_file(ckpt)]) == 0
-    from medalign import screening
+    from medalign.inference import screener as screening
 
     screening._MODEL_CACHE.clear()
     return "tiny"
@@ -44,7 +44,7 @@ def test_screen_writes_results_and_maps(tiny_model, ct_file, tmp_path, capsys):
 
 
 def test_progress_lines_are_machine_readable(tiny_model, ct_file, tmp_path, capsys):
-    from medalign.progress import parse_progress_line
+    from medalign.core.progress import parse_progress_line
 
     rc = main(["screen", str(ct_file), "--out", str(tmp_path / "o"), "--model", tiny_model,
                "--findings", "Atelectasis", "--progress-lines", "--no-maps"])

@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from medalign.coverage import coverage_warnings
-from medalign.phantoms import make_phantom
-from medalign.preprocess import prepare
-from medalign.profiles import DEMO
-from medalign.volume import Volume
+from medalign.inference.coverage import coverage_warnings
+from medalign.synth.phantoms import make_phantom
+from medalign.inference.preprocess import prepare
+from medalign.models.profiles import DEMO
+from medalign.core.volume import Volume
 
 @pytest.fixture(scope="module")
 def chest() -> Volume:
@@ -51,7 +51,7 @@ def test_an_empty_field_of_view_is_called_out(chest):
     assert "almost no body" in _warnings(air)[0]
 
 
-# measured on the demo model's grid; see medalign.coverage
+# measured on the demo model's grid; see medalign.inference.coverage
 REAL_EXPECTED = {
     "chest_ct_lung_mass.nii.gz": [],
     "chest_cta_mediastinum_crop.nii.gz": [],
@@ -62,7 +62,7 @@ REAL_EXPECTED = {
 
 @pytest.mark.parametrize("name", sorted(REAL_EXPECTED))
 def test_shared_real_scans(real_ct, name):
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     warnings = _warnings(read_volume(real_ct / name))
     assert len(warnings) == len(REAL_EXPECTED[name]), warnings
@@ -73,8 +73,8 @@ def test_shared_real_scans(real_ct, name):
 def test_warnings_travel_with_the_result_and_are_printed(tmp_path):
     import io
 
-    from medalign.commands.screen import print_table
-    from medalign.results import ScreeningResult
+    from medalign.cli.screen import print_table
+    from medalign.inference.results import ScreeningResult
 
     result = ScreeningResult({"path": "ct.nii.gz"}, "m", "cpu", [], warnings=["Only 2% of the scan's slices show lung."])
     back = ScreeningResult.read(result.write(tmp_path))

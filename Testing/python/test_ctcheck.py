@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medalign.ctcheck import MIN_SLICES, check_ct
-from medalign.errors import InputError
-from medalign.volume import Volume
+from medalign.inference.input_checks import MIN_SLICES, check_ct
+from medalign.core.errors import InputError
+from medalign.core.volume import Volume
 
 AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])
 
@@ -156,13 +156,13 @@ def test_check_does_not_modify_the_volume():
     ["abdomen_ct_3mm.nii.gz", "abdomen_ct_dicom", "chest_ct_lung_mass.nii.gz", "chest_cta_mediastinum_crop.nii.gz"],
 )
 def test_shared_ct_files_pass(real_ct, name):
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     check_ct(read_volume(real_ct / name))
 
 
 def test_shared_mr_is_refused(real_ct):
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     text = refused(
         read_volume(real_ct / "mr_not_ct.nii.gz"),
@@ -174,6 +174,6 @@ def test_shared_mr_is_refused(real_ct):
 
 
 def test_shared_segmentation_is_refused(real_ct):
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     refused(read_volume(real_ct / "abdomen_ct_dicom_totalseg_labels.nii.gz"), "label map or segmentation")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medalign.errors import CheckpointError, InputError
+from medalign.core.errors import CheckpointError, InputError
 from medalign.models import FAMILY_LOADERS, family_loader
 from medalign.models.ctclip import (
     CTCLIPConfig,
@@ -26,7 +26,7 @@ from medalign.models.ctclip import (
     match_state_dict,
 )
 from medalign.models.ctvit import CTViTConfig
-from medalign.profiles import CTCLIP as CTCLIP_PROFILE
+from medalign.models.profiles import CTCLIP as CTCLIP_PROFILE
 
 ATOL = 1e-4
 

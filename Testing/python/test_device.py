@@ -12,8 +12,8 @@ import weakref
 import pytest
 import torch
 
-from medalign import device as dev
-from medalign.errors import MedAlignError
+from medalign.core import device as dev
+from medalign.core.errors import MedAlignError
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 no_accelerator = pytest.mark.skipif(

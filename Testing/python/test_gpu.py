@@ -16,7 +16,7 @@ PROB_TOL = 0.03
 
 
 def _screen(precision: str):
-    from medalign.screening import screen
+    from medalign.inference.screener import screen
 
     return screen(synthetic_ct(), findings="ct-rate", device="cuda", precision=precision)
 
@@ -31,7 +31,7 @@ def test_bf16_matches_float32_on_gpu():
 
 
 def test_gpu_matches_cpu_in_float32():
-    from medalign.screening import screen
+    from medalign.inference.screener import screen
 
     gpu = _screen("float32")
     cpu = screen(synthetic_ct(), findings="ct-rate", device="cpu", precision="float32")
@@ -46,7 +46,7 @@ def test_training_on_gpu_in_bf16_lowers_the_loss(tmp_path):
     from test_train_eval import _cohort
 
     from medalign.models.medalign_model import read_checkpoint, tiny_config
-    from medalign.train import TrainConfig, train
+    from medalign.training.loop import TrainConfig, train
 
     out = tmp_path / "gpu.safetensors"
     train(TrainConfig(data=_cohort(tmp_path / "cohort"), out=out, steps=30, batch_size=4, lr=2e-3, warmup=5,

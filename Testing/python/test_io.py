@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from medalign.errors import InputError, MedAlignError
-from medalign.io import atomic_output, atomic_write_text, read_volume, write_volume
-from medalign.volume import Volume
+from medalign.core.errors import InputError, MedAlignError
+from medalign.core.volume_io import atomic_output, atomic_write_text, read_volume, write_volume
+from medalign.core.volume import Volume
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -41,7 +41,7 @@ def make_volume(dtype=np.int16, shape_ijk=(12, 10, 9), spacing=(0.8, 0.9, 2.5), 
 
 
 def sitk_image(volume: Volume) -> sitk.Image:
-    """Build the ITK image independently of medalign.io (LPS geometry by hand)."""
+    """Build the ITK image independently of medalign.core.volume_io (LPS geometry by hand)."""
     img = sitk.GetImageFromArray(volume.array)
     lps = LPS @ volume.ijk_to_ras[:3, :3]
     spacing = np.linalg.norm(lps, axis=0)
@@ -404,7 +404,7 @@ def test_nifti2_headers_are_understood(tmp_path):
     file ITK cannot decode still ends in one sentence."""
     import nibabel as nib
 
-    from medalign.io import _nifti_needed_bytes
+    from medalign.core.volume_io import _nifti_needed_bytes
 
     data = np.arange(20 * 20 * 10, dtype=np.int16).reshape(20, 20, 10)
     path = tmp_path / "n2.nii.gz"

@@ -1,4 +1,4 @@
-"""Knowledge base files and prompt building (medalign.knowledge)."""
+"""Knowledge base files and prompt building (medalign.knowledge.findings)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medalign.errors import MedAlignError
-from medalign.knowledge import (
+from medalign.core.errors import MedAlignError
+from medalign.knowledge.findings import (
     CT_RATE_FINDINGS,
     CT_RATE_LT_FINDINGS,
     SYMPTOM_KEYS,

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from medalign.metrics import bootstrap_metrics, point_metrics, pointing_hit, voxel_auc, youden_nearest_threshold
+from medalign.evaluation.metrics import bootstrap_metrics, point_metrics, pointing_hit, voxel_auc, youden_nearest_threshold
 
 
 def test_auc_and_threshold_by_hand():

@@ -127,7 +127,7 @@ def test_module_cmake_builds_the_scripted_module_and_its_self_test():
     assert re.search(r"slicerMacroBuildScriptedModule\(\s*NAME \$\{MODULE_NAME\}", text)
     assert "SCRIPTS ${MODULE_PYTHON_SCRIPTS}" in text and "RESOURCES ${MODULE_PYTHON_RESOURCES}" in text
     assert re.search(r"if\(BUILD_TESTING\).*slicer_add_python_unittest\(SCRIPT \$\{MODULE_NAME\}\.py\)", text, re.S)
-    for needed in ("MedAlign.py", "MedAlignLib/__init__.py", "medalign/__init__.py", "medalign/cli.py"):
+    for needed in ("MedAlign.py", "MedAlignLib/__init__.py", "medalign/__init__.py", "medalign/cli/__main__.py"):
         assert needed in cmake_list(text, "MODULE_PYTHON_SCRIPTS")
     for needed in ("Resources/Icons/MedAlign.png", "Resources/UI/MedAlign.ui"):
         assert needed in cmake_list(text, "MODULE_PYTHON_RESOURCES")
@@ -251,7 +251,7 @@ def test_nothing_heavy_is_imported_when_slicer_loads_the_module():
         heavy = {m for m in _top_level_imports(path) if m.split(".")[0] in HEAVY}
         assert not heavy, f"{path.name} imports {heavy} at import time"
     # the engine modules MedAlignLib pulls in at import time are light too
-    for module in ("errors", "volume", "progress"):
+    for module in ("__init__", "core/errors", "core/volume", "core/progress"):
         engine = MODULE_DIR / "medalign" / f"{module}.py"
         assert not {m for m in _top_level_imports(engine) if m.split(".")[0] in HEAVY}, engine.name
 

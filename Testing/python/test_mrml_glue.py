@@ -20,8 +20,8 @@ import vtk  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from helpers import synthetic_ct, tiny_checkpoint  # noqa: E402
-from medalign.errors import CancelledError, InputError, MedAlignError  # noqa: E402
-from medalign.volume import Volume  # noqa: E402
+from medalign.core.errors import CancelledError, InputError, MedAlignError  # noqa: E402
+from medalign.core.volume import Volume  # noqa: E402
 from MedAlignLib import (  # noqa: E402
     BackgroundScreening,
     ScreeningLogic,
@@ -131,7 +131,7 @@ def test_node_without_voxels_is_one_sentence_error():
 
 def test_real_ct_node_matches_engine_reader(real_ct):
     """slicer-core's reader and the engine's reader agree on voxels and geometry."""
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     path = real_ct / "abdomen_ct_3mm.nii.gz"
     app = new_app()
@@ -299,7 +299,7 @@ def test_failure_while_adding_nodes_rolls_everything_back(tiny, monkeypatch):
     app = new_app()
     node = node_from_volume(app.scene, synthetic_ct(), "ct")
     logic = ScreeningLogic(app.scene)
-    from medalign.screening import screen
+    from medalign.inference.screener import screen
 
     result = screen(volume_from_node(node), findings=["Atelectasis"], model=tiny, device="cpu")
     ids_before, items_before = node_ids(app.scene), app.scene.GetSubjectHierarchyNode().GetNumberOfItems()
@@ -358,7 +358,7 @@ def test_saved_scene_reloads_with_results_and_parameters(screened, tmp_path):
 
 
 def test_export_writes_report_results_and_maps(screened, tmp_path):
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     out = screened["logic"].export(screened["table"], tmp_path / "export")
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
@@ -417,8 +417,8 @@ def test_progress_parser_handles_split_chunks_and_noise():
 @pytest.fixture()
 def registered_tiny(tmp_path, monkeypatch):
     """A tiny checkpoint registered as model 'tiny' in a private MEDALIGN_HOME."""
-    from medalign import registry
-    from medalign.download import sha256_file
+    from medalign.models import registry
+    from medalign.models.download import sha256_file
 
     monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MEDALIGN_OFFLINE", "1")
@@ -447,7 +447,7 @@ def test_background_screening_subprocess_end_to_end(registered_tiny):
     job = BackgroundScreening(node, findings=["Lung nodule", "Atelectasis"], model=registered_tiny, device="cpu")
     argv = job.command()
     assert argv[1:4] == ["-m", "medalign.cli", "screen"] and "--progress-lines" in argv
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     written = read_volume(job.input_path)  # the NRRD handed to the child is the node, voxel for voxel
     np.testing.assert_array_equal(written.array, volume_from_node(node).array)

@@ -9,10 +9,10 @@ import re
 import numpy as np
 import pytest
 
-from medalign.errors import InputError
-from medalign.knowledge import CT_RATE_FINDINGS
-from medalign.phantom_anatomy import sample_geometry
-from medalign.phantoms import BIT, PHANTOM_FINDINGS, case_seed, make_phantom, write_dataset
+from medalign.core.errors import InputError
+from medalign.knowledge.findings import CT_RATE_FINDINGS
+from medalign.synth.anatomy import sample_geometry
+from medalign.synth.phantoms import BIT, PHANTOM_FINDINGS, case_seed, make_phantom, write_dataset
 
 COARSE = (2.5, 2.5, 5.0)  # fast grid for tests that do not depend on the scan geometry
 ALL = {name: 1 for name in CT_RATE_FINDINGS}
@@ -175,8 +175,8 @@ def test_enlarged_nodes_lie_in_mediastinal_fat():
 def test_ecg_leads_lie_outside_the_body():
     """Electrodes sit on the skin and their wires in the air in front: the lung and
     mediastinum are untouched, so a phantom's findings do not depend on them."""
-    from medalign.phantoms import _Ctx, _ecg_leads
-    from medalign.phantom_anatomy import build_anatomy
+    from medalign.synth.phantoms import _Ctx, _ecg_leads
+    from medalign.synth.anatomy import build_anatomy
 
     rng = np.random.default_rng(0)
     anat = build_anatomy(rng, sample_geometry(rng, COARSE))
@@ -190,7 +190,7 @@ def test_ecg_leads_lie_outside_the_body():
 
 
 def test_bronchi_along_follow_their_arteries():
-    from medalign.phantom_anatomy import Branch, bronchi_along
+    from medalign.synth.anatomy import Branch, bronchi_along
 
     art = [Branch(np.zeros(3), np.array([0.0, 30.0, -10.0]), 5.0, 4.0, 0, 0),
            Branch(np.array([0.0, 30.0, -10.0]), np.array([0.0, 50.0, -30.0]), 2.0, 1.0, 3, 1)]

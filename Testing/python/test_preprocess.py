@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medalign.errors import InputError
-from medalign.preprocess import PreparedImage, grid_to_ras_points, hu_to_model_value, prepare, token_map_to_volume
-from medalign.profiles import BRGSA, CTCLIP, DEMO
-from medalign.volume import Volume
+from medalign.core.errors import InputError
+from medalign.inference.preprocess import PreparedImage, grid_to_ras_points, hu_to_model_value, prepare, token_map_to_volume
+from medalign.models.profiles import BRGSA, CTCLIP, DEMO
+from medalign.core.volume import Volume
 
 
 def rotation(ax: float, az: float) -> np.ndarray:
@@ -277,7 +277,7 @@ def test_shared_chest_ct_lung_mass_lands_in_its_box(real_ct):
     """Real data: the HU-dense lung mass in the prepared tensor maps back into the expert's box."""
     import json
 
-    from medalign.io import read_volume
+    from medalign.core.volume_io import read_volume
 
     vol = read_volume(real_ct / "chest_ct_lung_mass.nii.gz")
     prepared = prepare(vol, DEMO)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medalign.cli import main
-from medalign.io import read_volume
+from medalign.core.volume_io import read_volume
 
 from test_cli import tiny_model  # noqa: F401  (fixture: a registered tiny checkpoint)
 
@@ -43,7 +43,7 @@ def test_main_job_runs_on_the_embedded_default_model(tmp_path, monkeypatch, caps
     """README's main job: `medalign screen --sample --out DIR` with no CT and no registry."""
     monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MEDALIGN_OFFLINE", "1")
-    from medalign import screening
+    from medalign.inference import screener as screening
 
     screening._MODEL_CACHE.clear()
     out = tmp_path / "out"

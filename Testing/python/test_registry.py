@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from medalign import download as download_module
-from medalign import registry
-from medalign.errors import CheckpointError, InputError
+from medalign.models import download as download_module
+from medalign.models import registry
+from medalign.core.errors import CheckpointError, InputError
 
 CONTENT = bytes(range(256)) * 40
 CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -79,7 +79,7 @@ def test_cache_dir_platform_defaults(monkeypatch, platform, env, expected):
 
 
 def test_resources_dir_is_inside_the_package():
-    assert registry.resources_dir() == Path(registry.__file__).resolve().parent / "resources"
+    assert registry.resources_dir() == Path(registry.__file__).resolve().parents[1] / "resources"
 
 
 # ----------------------------------------------------------------- builtins

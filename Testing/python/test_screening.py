@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from helpers import synthetic_ct
-from medalign.errors import CancelledError
+from medalign.core.errors import CancelledError
 from medalign.models.medalign_model import tiny_test_model
-from medalign.results import ScreeningResult
-from medalign.screening import Screener, hotspot_of, parse_findings, screen
-from medalign.volume import Volume
+from medalign.inference.results import ScreeningResult
+from medalign.inference.screener import Screener, hotspot_of, parse_findings, screen
+from medalign.core.volume import Volume
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def model():
 
 
 def test_parse_findings_expands_groups_and_dedups():
-    from medalign.knowledge import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
+    from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
 
     assert parse_findings(None) == CT_RATE_FINDINGS
     names = parse_findings("Lung nodule; lung nodule;ct-rate-lt;a tiny free-text thing")
@@ -66,7 +66,7 @@ def test_probability_is_softmax_of_ensembled_pair(model):
     scr = Screener(model=model, findings=["Cardiomegaly"], device="cpu")
     volume = synthetic_ct()
     result = scr(volume, with_maps=False)
-    from medalign.preprocess import prepare
+    from medalign.inference.preprocess import prepare
 
     prepared = prepare(volume, model.profile)
     with torch.no_grad():
@@ -124,8 +124,8 @@ def test_near_chance_findings_are_reported_but_never_flagged(tmp_path):
     threshold is still shown, but the finding is not flagged in any output."""
     import io
 
-    from medalign.commands.screen import print_table
-    from medalign.results import MIN_FLAG_AUC
+    from medalign.cli.screen import print_table
+    from medalign.inference.results import MIN_FLAG_AUC
 
     model = tiny_test_model(seed=0)
     model.thresholds = {"Lung nodule": 0.0, "Atelectasis": 0.0}  # every probability clears them

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from helpers import synthetic_ct
-from medalign.io import write_volume
-from medalign.knowledge import CT_RATE_FINDINGS
+from medalign.core.volume_io import write_volume
+from medalign.knowledge.findings import CT_RATE_FINDINGS
 
 
 def _cohort(root, n=8):
@@ -37,7 +37,7 @@ def _cohort(root, n=8):
 
 def test_short_training_lowers_loss_and_resumes(tmp_path):
     from medalign.models.medalign_model import read_checkpoint, tiny_config
-    from medalign.train import TrainConfig, train
+    from medalign.training.loop import TrainConfig, train
 
     data = _cohort(tmp_path / "cohort")
     out = tmp_path / "m.safetensors"
@@ -60,9 +60,9 @@ def test_training_can_start_from_another_models_weights(tmp_path):
     text warm-up is skipped) under a fresh optimizer; a model of another shape is refused."""
     import torch
 
-    from medalign.errors import InputError
+    from medalign.core.errors import InputError
     from medalign.models.medalign_model import read_checkpoint, tiny_config
-    from medalign.train import TrainConfig, train
+    from medalign.training.loop import TrainConfig, train
 
     data = _cohort(tmp_path / "cohort")
     base = tmp_path / "base.safetensors"
@@ -90,7 +90,7 @@ def test_cli_fine_tunes_the_embedded_demo_model_by_name(tmp_path, monkeypatch, c
 
     from medalign.cli import main
     from medalign.models.medalign_model import read_checkpoint
-    from medalign.registry import get, resolve_weights
+    from medalign.models.registry import get, resolve_weights
 
     monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path / "home"))
     data = _cohort(tmp_path / "cohort", n=4)
@@ -118,7 +118,7 @@ def test_deeper_local_path_trains_in_mixed_precision_and_reloads(tmp_path):
     import torch
 
     from medalign.models.medalign_model import load_checkpoint, read_checkpoint, tiny_config
-    from medalign.train import TrainConfig, train
+    from medalign.training.loop import TrainConfig, train
 
     data = _cohort(tmp_path / "cohort")
     out = tmp_path / "deep.safetensors"
@@ -131,7 +131,7 @@ def test_deeper_local_path_trains_in_mixed_precision_and_reloads(tmp_path):
     assert extra["final_loss"] < extra["initial_loss"]
     model = load_checkpoint(out)
     assert len(model.local_path) == 2
-    from medalign.errors import InputError
+    from medalign.core.errors import InputError
 
     with pytest.raises(InputError, match="float32 or bf16"):  # fp16 would need loss scaling
         train(TrainConfig(data=data, out=tmp_path / "half.safetensors", steps=1, device="cpu", precision="fp16",
@@ -144,7 +144,7 @@ def test_cli_model_size_flags(tmp_path, monkeypatch, capsys):
     beside it, or an impossible size, is one sentence with nothing written."""
     from medalign.cli import main
     from medalign.models.medalign_model import read_checkpoint
-    from medalign.registry import get, resolve_weights
+    from medalign.models.registry import get, resolve_weights
 
     monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path / "home"))
     assert read_checkpoint(resolve_weights(get("medalign-demo")))[0].local_blocks == 0  # written before the option
@@ -172,7 +172,7 @@ def test_cli_model_size_flags(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_writes_metrics_roc_and_localization(tmp_path):
-    from medalign.evaluate import evaluate
+    from medalign.evaluation.evaluate import evaluate
     from medalign.models.medalign_model import tiny_test_model
 
     data = _cohort(tmp_path / "cohort", n=6)
@@ -190,11 +190,11 @@ def test_eval_writes_metrics_roc_and_localization(tmp_path):
 def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
     from sklearn.metrics import roc_auc_score
 
-    from medalign.io import read_volume
-    from medalign.metrics import youden_nearest_threshold
+    from medalign.core.volume_io import read_volume
+    from medalign.evaluation.metrics import youden_nearest_threshold
     from medalign.models.medalign_model import load_checkpoint, save_checkpoint, tiny_test_model
-    from medalign.screening import Screener
-    from medalign.train import calibrate
+    from medalign.inference.screener import Screener
+    from medalign.training.loop import calibrate
 
     data = _cohort(tmp_path / "cohort", n=6)
     findings = ["Lung nodule", "Emphysema"]
@@ -217,9 +217,9 @@ def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
 def test_training_wordings_are_disjoint_from_inference_wordings():
     """Evaluation must measure unseen prompt wordings: no training sentence for any
     finding equals any prompt the screener builds for it."""
-    from medalign.knowledge import build_prompts
+    from medalign.knowledge.findings import build_prompts
     from medalign.models.medalign_model import PROMPT_TEMPLATES
-    from medalign.train import TRAIN_TEMPLATES, finding_sentences
+    from medalign.training.loop import TRAIN_TEMPLATES, finding_sentences
 
     assert not set(TRAIN_TEMPLATES["positive"] + TRAIN_TEMPLATES["negative"]) & set(
         PROMPT_TEMPLATES["positive"] + PROMPT_TEMPLATES["negative"])
@@ -241,7 +241,7 @@ def test_torchrun_two_processes_train_together(tmp_path):
     data = _cohort(tmp_path / "cohort", n=4)
     out = tmp_path / "ddp.safetensors"
     code = (
-        "import sys; from pathlib import Path; from medalign.train import TrainConfig, train; "
+        "import sys; from pathlib import Path; from medalign.training.loop import TrainConfig, train; "
         "from medalign.models.medalign_model import tiny_config; "
         f"train(TrainConfig(data=Path(r'{data}'), out=Path(r'{out}'), steps=3, batch_size=2, device='cpu', "
         "warmup=1, model_config=tiny_config()), progress=False)"

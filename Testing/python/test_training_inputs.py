@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from medalign.errors import InputError
+from medalign.core.errors import InputError
 from medalign.models.base import ImageFeatures
-from medalign.preprocess import prepare
-from medalign.profiles import DEMO, PreprocessProfile
-from medalign.volume import Volume
+from medalign.inference.preprocess import prepare
+from medalign.models.profiles import DEMO, PreprocessProfile
+from medalign.core.volume import Volume
 
 SOURCE_SPACING = (0.8, 0.8, 1.25)  # a thin-slice scan: one 4 x 4 x 5 mm voxel holds 5 x 5 x 4 of these
 
@@ -77,7 +77,7 @@ def test_profile_channels_survive_a_json_round_trip_and_old_profiles_have_none()
 
 # ------------------------------------------------------------------ token masks
 def test_token_mask_marks_the_token_of_a_single_voxel_lesion():
-    from medalign.train import token_mask
+    from medalign.training.loop import token_mask
 
     size, stride = (24, 24, 16), 4
     grid_to_ras = np.diag([2.0, 2.0, 2.0, 1.0])  # model voxel (x, y, z) sits at 2 * (x, y, z) mm
@@ -93,14 +93,14 @@ def test_token_mask_marks_the_token_of_a_single_voxel_lesion():
 
 
 def test_token_mask_of_an_empty_mask_is_empty():
-    from medalign.train import token_mask
+    from medalign.training.loop import token_mask
 
     mask = Volume(np.zeros((8, 8, 8), dtype=np.int32), np.eye(4))
     assert not token_mask(mask, np.eye(4), (8, 8, 8), 4).any()
 
 
 def test_cache_key_follows_profile_and_stride():
-    from medalign.train import cache_key
+    from medalign.training.loop import cache_key
 
     assert cache_key(DEMO, 4) == cache_key(DEMO, 4)
     assert cache_key(DEMO, 4) != cache_key(DEMO, 2)
@@ -119,7 +119,7 @@ class _FixedTokenLogits:
 
 
 def test_dense_loss_weighs_each_finding_equally():
-    from medalign.train import local_alignment_loss
+    from medalign.training.loop import local_alignment_loss
 
     n_f, grid = 2, (4, 4, 1)
     pos_logit = torch.zeros(1, n_f, *grid)
@@ -148,7 +148,7 @@ def test_dense_loss_weighs_each_finding_equally():
 
 
 def test_lesion_prior_counts_where_lesions_sit_and_widens_by_one_token():
-    from medalign.train import lesion_prior
+    from medalign.training.loop import lesion_prior
 
     a = torch.zeros(5, 5, 1, dtype=torch.int32)
     b = torch.zeros(5, 5, 1, dtype=torch.int32)
@@ -164,7 +164,7 @@ def test_lesion_prior_counts_where_lesions_sit_and_widens_by_one_token():
 
 
 def test_prior_weighted_negatives_count_lesion_free_tokens_where_lesions_usually_are():
-    from medalign.train import local_alignment_loss
+    from medalign.training.loop import local_alignment_loss
 
     grid = (4, 1, 1)
     pos_logit = torch.zeros(1, 1, *grid)
@@ -184,7 +184,7 @@ def test_prior_weighted_negatives_count_lesion_free_tokens_where_lesions_usually
 
 
 def test_decision_directions_and_their_overlap():
-    from medalign.train import decision_directions, direction_overlap
+    from medalign.training.loop import decision_directions, direction_overlap
 
     # finding 0: present (1, 0, 0) vs absent (0, 1, 0); finding 1: present (1, 0, 0) vs absent (0, 0, 1)
     z = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
@@ -203,7 +203,7 @@ def test_text_warm_up_makes_findings_decision_directions_orthogonal():
     finding's score follows another's); the penalty removes the overlap and keeps every
     sentence nearest its own class."""
     from medalign.models.medalign_model import MedAlignModel, build_text_encoder, tiny_config
-    from medalign.train import decision_directions, direction_overlap, finding_sentences, warm_up_text_projection
+    from medalign.training.loop import decision_directions, direction_overlap, finding_sentences, warm_up_text_projection
 
     cfg = tiny_config()
     encoder = build_text_encoder(None, cfg)
@@ -231,8 +231,8 @@ def test_text_warm_up_makes_findings_decision_directions_orthogonal():
 def test_embedded_demo_model_scores_findings_along_independent_directions():
     """The shipped model was trained with the decorrelated warm-up: on the inference
     wordings (never seen in training) no two findings share their decision direction."""
-    from medalign.screening import Screener
-    from medalign.train import direction_overlap
+    from medalign.inference.screener import Screener
+    from medalign.training.loop import direction_overlap
 
     screener = Screener(device="cpu")
     d = torch.nn.functional.normalize(torch.stack([p.ensemble[0] - p.ensemble[1] for p in screener.prompts]), dim=-1)
@@ -263,7 +263,7 @@ def _square(x: int) -> int:
 
 
 def test_ordered_map_keeps_order_and_checks_workers():
-    from medalign.parallel import ordered_map
+    from medalign.core.parallel import ordered_map
 
     assert list(ordered_map(_square, range(7), workers=2)) == [x * x for x in range(7)]
     assert list(ordered_map(_square, [3], workers=4)) == [9]
@@ -272,7 +272,7 @@ def test_ordered_map_keeps_order_and_checks_workers():
 
 
 def test_phantoms_do_not_depend_on_the_number_of_workers(tmp_path):
-    from medalign.phantoms import write_dataset
+    from medalign.synth.phantoms import write_dataset
 
     one = write_dataset(tmp_path / "one", 3, seed=11, progress=False, workers=1)
     two = write_dataset(tmp_path / "two", 3, seed=11, progress=False, workers=2)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from .base import ImageFeatures, ScreeningModel
+from medalign.models.base import ImageFeatures, ScreeningModel
 
 # family name -> "module:function"; each function is
 # f(weights: Path, text_encoder: str | Path | None, device: str) -> ScreeningModel
@@ -26,7 +26,7 @@ def family_loader(family: str):
         target = FAMILY_LOADERS[family]
     except KeyError:
         known = ", ".join(sorted(FAMILY_LOADERS))
-        from ..errors import CheckpointError
+        from medalign.core.errors import CheckpointError
 
         raise CheckpointError(f"Unknown model family '{family}' (known: {known}).") from None
     module_name, func = target.split(":")
@@ -40,7 +40,7 @@ def load(
     device: str = "cpu",
 ) -> ScreeningModel:
     """Build registry model ``name`` (or family ``name``) with verified weights, in eval mode."""
-    from .. import registry
+    from medalign.models import registry
 
     entry = registry.get(name)
     weights_path = Path(weights) if weights is not None else registry.resolve_weights(entry)

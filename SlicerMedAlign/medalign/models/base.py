@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..profiles import PreprocessProfile
+from medalign.models.profiles import PreprocessProfile
 
 
 @dataclass

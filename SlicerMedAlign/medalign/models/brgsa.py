@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, InputError
-from .checkpoint_keys import check_state_keys, key_list, shapes
-from ..profiles import BRGSA
-from .bank import KnowledgeBank
-from .base import ImageFeatures, ScreeningModel
-from .vit3d import ViT3D, ViT3DConfig
+from medalign.core.errors import CheckpointError, InputError
+from medalign.models.checkpoint_keys import check_state_keys, key_list, shapes
+from medalign.models.profiles import BRGSA
+from medalign.models.bank import KnowledgeBank
+from medalign.models.base import ImageFeatures, ScreeningModel
+from medalign.models.vit3d import ViT3D, ViT3DConfig
 
 PREFIX = "gloria."
 # Keys BrgSA's ``load_gloria`` drops because the model does not have them: the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ..errors import CheckpointError
+from medalign.core.errors import CheckpointError
 
 Shape = tuple[int, ...]
 

@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError, InputError
-from .checkpoint_keys import check_state_keys, shapes
-from ..profiles import CTCLIP as CTCLIP_PROFILE
-from ..profiles import PreprocessProfile
-from .base import ImageFeatures, ScreeningModel
-from .ctvit import CTViT, CTViTConfig
+from medalign.core.errors import CheckpointError, InputError
+from medalign.models.checkpoint_keys import check_state_keys, shapes
+from medalign.models.profiles import CTCLIP as CTCLIP_PROFILE
+from medalign.models.profiles import PreprocessProfile
+from medalign.models.base import ImageFeatures, ScreeningModel
+from medalign.models.ctvit import CTViT, CTViTConfig
 
 TEXT_PREFIX = "text_transformer."
 VISUAL_PREFIX = "visual_transformer."

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
+from medalign.core.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -364,7 +364,7 @@ class CTViT(nn.Module):
 
     def check_input(self, x: torch.Tensor, image_hw: tuple[int, int] | None = None) -> None:
         """One-sentence error for a tensor the encoder cannot take (wrong rank or size)."""
-        from ..errors import InputError
+        from medalign.core.errors import InputError
 
         pt, (p1, p2) = self.cfg.temporal_patch_size, self.cfg.patch_size
         if x.ndim != 5 or x.shape[1] != self.cfg.channels:

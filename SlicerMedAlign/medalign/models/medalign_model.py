@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import CheckpointError
-from ..profiles import DEMO, PreprocessProfile
-from .bank import KnowledgeBank
-from .checkpoint_keys import check_state_keys, shapes
-from .base import ImageFeatures, ScreeningModel
-from .vit3d import ViT3D, ViT3DConfig
+from medalign.core.errors import CheckpointError
+from medalign.models.profiles import DEMO, PreprocessProfile
+from medalign.models.bank import KnowledgeBank
+from medalign.models.checkpoint_keys import check_state_keys, shapes
+from medalign.models.base import ImageFeatures, ScreeningModel
+from medalign.models.vit3d import ViT3D, ViT3DConfig
 
 FORMAT = "medalign-v1"
 
-# Inference wording.  Training uses a disjoint set (medalign.train.TRAIN_TEMPLATES), so
+# Inference wording.  Training uses a disjoint set (medalign.training.loop.TRAIN_TEMPLATES), so
 # evaluation measures zero-shot transfer to wordings the model never saw.
 PROMPT_TEMPLATES = {
     "positive": ["There is {finding}.", "{finding} is seen on this CT.", "Findings consistent with {finding}."],
@@ -202,7 +202,7 @@ def save_checkpoint(model: MedAlignModel, path: str | Path, extra: dict | None =
     """Write weights + config into one safetensors file (atomic)."""
     from safetensors.torch import save_file
 
-    from ..io import atomic_output
+    from medalign.core.volume_io import atomic_output
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.trainable_state_dict().items()}
@@ -243,7 +243,7 @@ def load_state_strict(model: nn.Module, tensors: dict[str, torch.Tensor], name: 
 
 
 def build_text_encoder(spec: str | Path | None, cfg: MedAlignConfig) -> nn.Module:
-    from ..text import SentenceEncoder, load_minilm
+    from medalign.models.text_encoders import SentenceEncoder, load_minilm
 
     if spec is None or str(spec) == cfg.text_encoder:
         return load_minilm()
@@ -264,7 +264,7 @@ def load_checkpoint(weights: Path, text_encoder: str | Path | None = None, devic
 
 def tiny_config() -> MedAlignConfig:
     """A minute model for tests: same code paths, milliseconds per forward."""
-    from ..profiles import PreprocessProfile
+    from medalign.models.profiles import PreprocessProfile
 
     return MedAlignConfig(
         vit=ViT3DConfig(width=32, depth=1, heads=2, mlp_dim=64, patch_size=(2, 2, 2), base_size=(8, 8, 8), in_channels=8),

@@ -1,0 +1,64 @@
+"""``medalign`` command line: a thin dispatcher over the sub-command modules of ``medalign.cli``.
+
+Each sub-command module offers ``register(subparsers)`` and sets ``func`` to a
+``run(args) -> int``.
+
+A ``MedAlignError`` becomes one line on stderr and exit code 2; nothing else is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from medalign import __version__
+from medalign.core.errors import MedAlignError
+
+
+# Order is the order shown in ``medalign --help``.
+COMMAND_MODULES = ["screen", "batch", "eval", "train", "phantoms", "label_reports", "models"]
+TORCH_COMMANDS = {"screen", "batch", "eval", "train"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medalign",
+        description="Zero-shot CT abnormality screening with local alignment maps.",
+    )
+    parser.add_argument("--version", action="version", version=f"medalign {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"medalign.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command still being written must not break the rest
+            if exc.name == f"medalign.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    if argv is None and args.command in TORCH_COMMANDS:  # a real command line, not a call from Python
+        from medalign.core.allocator import reexec_with_tuned_allocator
+
+        reexec_with_tuned_allocator(sys.argv[1:])  # returns only when no re-run is needed
+    try:
+        if args.command in TORCH_COMMANDS:
+            from medalign.core.device import configure_cpu_threads
+
+            configure_cpu_threads()  # the CPU thread count follows the machine (or MEDALIGN_THREADS)
+        return int(args.func(args) or 0)
+    except MedAlignError as exc:
+        print(f"medalign: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medalign: cancelled", file=sys.stderr)
+        return 130
+

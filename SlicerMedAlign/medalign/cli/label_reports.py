@@ -1,0 +1,70 @@
+"""``medalign label-reports``: turn free-text CT reports into 0/1 finding labels.
+
+Labels made this way let a site evaluate screening on its own archive without manual
+annotation (``medalign eval`` reads the CSV it writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "label-reports",
+        help="label free-text reports (0/1 per finding) with the rule-based labeller",
+        description="Read a CSV of reports and write one 0/1 column per finding (the 18 CT-RATE "
+        "abnormalities by default). Negated findings are 0; hedged ones ('possible', "
+        "'cannot be excluded') are 1.",
+    )
+    p.add_argument("reports", type=Path, help="CSV with one report per row")
+    p.add_argument("--out", required=True, type=Path, help="labels CSV to write")
+    p.add_argument("--text-column", default="report_text", help="column holding the report text (default: report_text)")
+    p.add_argument("--id-column", default=None, help="column copied to the output as the case id (default: VolumeName or AccessionNo, if present)")
+    p.add_argument(
+        "--findings",
+        default="ct-rate",
+        help="'ct-rate' (18, default), 'ct-rate-lt' (15), 'all', or a comma-separated list of finding names",
+    )
+    p.set_defaults(func=run)
+
+
+def _findings(spec: str) -> list[str]:
+    from medalign.core.errors import InputError
+    from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS, find, load_knowledge
+
+    key = spec.strip().lower()
+    if key == "ct-rate":
+        return list(CT_RATE_FINDINGS)
+    if key == "ct-rate-lt":
+        return list(CT_RATE_LT_FINDINGS)
+    if key == "all":
+        return list(CT_RATE_FINDINGS) + list(CT_RATE_LT_FINDINGS)
+    kb = load_knowledge()
+    names: list[str] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        item = find(part, kb)
+        if item is None:
+            raise InputError(f"Unknown finding {part!r}: the labeller needs a finding from the knowledge base.")
+        if item.name not in names:
+            names.append(item.name)
+    if not names:
+        raise InputError("--findings named no finding.")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    from medalign.data.report_labeller import label_reports_csv
+
+    out = label_reports_csv(
+        args.reports,
+        args.out,
+        text_column=args.text_column,
+        id_column=args.id_column,
+        findings=_findings(args.findings),
+    )
+    print(out)
+    return 0

@@ -1,0 +1,203 @@
+"""Screening results: plain data that the CLI, the Slicer glue and the web viewer share.
+
+``ScreeningResult.write`` is the one place that decides the on-disk layout
+(results.json, results.csv, maps/<slug>.nii.gz); ``ScreeningResult.read`` reverses it so a
+background process can hand results to the Slicer module.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medalign.core.volume import Volume
+
+RESULTS_JSON = "results.json"
+RESULTS_CSV = "results.csv"
+MAPS_DIR = "maps"
+CSV_COLUMNS = [
+    "finding", "probability", "uncertainty", "flagged", "validation_auc", "score",
+    "hotspot_r", "hotspot_a", "hotspot_s", "hotspot_value", "extent_mm3", "map",
+]
+
+# Below this held-out AUC a finding is reported but never flagged: its flags would be
+# close to coin tosses (0.7 is the usual floor of "acceptable" discrimination).
+MIN_FLAG_AUC = 0.7
+
+
+def is_near_chance(validation_auc: float | None) -> bool:
+    """A finding was validated and its held-out AUC is below ``MIN_FLAG_AUC``."""
+    return validation_auc is not None and validation_auc < MIN_FLAG_AUC
+
+
+def slug(name: str) -> str:
+    """File-system-safe name of a finding (shared with the knowledge base)."""
+    from medalign.knowledge.findings import slugify
+
+    return slugify(name)
+
+
+@dataclass
+class Hotspot:
+    """Where a finding's map peaks: RAS of the peak and the size of the region around it."""
+
+    ras: tuple[float, float, float]
+    value: float
+    extent_mm3: float
+    threshold: float
+
+
+@dataclass
+class FindingResult:
+    name: str
+    probability: float
+    uncertainty: float
+    flagged: bool
+    score: float  # logit difference positive - negative (model units)
+    map: Volume | None = None
+    hotspot: Hotspot | None = None
+    knowledge: dict[str, Any] = field(default_factory=dict)
+    published_score: float | None = None  # the family's own score where it has one (BrgSA)
+    validation_auc: float | None = None  # the model's AUC for this finding on its held-out set, if known
+
+    @property
+    def near_chance(self) -> bool:
+        """The model was validated for this finding and barely tells cases apart."""
+        return is_near_chance(self.validation_auc)
+
+    @property
+    def flag_state(self) -> str:
+        """"flagged", "near chance" (never flagged) or "": the one word every front end shows."""
+        return "flagged" if self.flagged else "near chance" if self.near_chance else ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "name": self.name,
+            "probability": round(float(self.probability), 6),
+            "uncertainty": round(float(self.uncertainty), 6),
+            "flagged": bool(self.flagged),
+            "validation_auc": None if self.validation_auc is None else round(float(self.validation_auc), 4),
+            "score": round(float(self.score), 6),
+            "hotspot": None if self.hotspot is None else _round_hotspot(self.hotspot),
+            "map": f"{MAPS_DIR}/{slug(self.name)}.nii.gz" if self.map is not None else None,
+        }
+        if self.knowledge:
+            d["knowledge"] = self.knowledge
+        if self.published_score is not None:
+            d["published_score"] = round(float(self.published_score), 6)
+        return d
+
+
+def _round_hotspot(h: Hotspot) -> dict[str, Any]:
+    d = asdict(h)
+    d["ras"] = [round(float(v), 3) for v in h.ras]
+    d["value"], d["extent_mm3"], d["threshold"] = (round(float(d[k]), 6) for k in ("value", "extent_mm3", "threshold"))
+    return d
+
+
+@dataclass
+class ScreeningResult:
+    input: dict[str, Any]
+    model: str
+    device: str
+    findings: list[FindingResult]
+    elapsed_s: float = 0.0
+    disclaimer: str = ""
+    warnings: list[str] = field(default_factory=list)  # why these scores may not apply to this scan
+
+    def ranked(self) -> list[FindingResult]:
+        return sorted(self.findings, key=lambda f: f.probability, reverse=True)
+
+    def finding(self, name: str) -> FindingResult:
+        for f in self.findings:
+            if f.name.lower() == name.lower():
+                return f
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "model": self.model,
+            "device": self.device,
+            "elapsed_s": round(float(self.elapsed_s), 3),
+            "disclaimer": self.disclaimer,
+            "warnings": list(self.warnings),
+            "findings": [f.to_dict() for f in self.ranked()],
+        }
+
+    def csv_text(self) -> str:
+        buf = _io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for f in self.ranked():
+            d = f.to_dict()
+            h = f.hotspot
+            writer.writerow({
+                "finding": f.name, "probability": d["probability"], "uncertainty": d["uncertainty"],
+                "flagged": int(f.flagged), "validation_auc": "" if f.validation_auc is None else d["validation_auc"],
+                "score": d["score"],
+                "hotspot_r": "" if h is None else round(h.ras[0], 3),
+                "hotspot_a": "" if h is None else round(h.ras[1], 3),
+                "hotspot_s": "" if h is None else round(h.ras[2], 3),
+                "hotspot_value": "" if h is None else round(h.value, 6),
+                "extent_mm3": "" if h is None else round(h.extent_mm3, 3),
+                "map": d["map"] or "",
+            })
+        return buf.getvalue()
+
+    def write(self, out_dir: str | Path) -> Path:
+        """Write results.json, results.csv and maps/*.nii.gz; every file appears whole or not at all."""
+        from medalign.core.volume_io import atomic_write_text, write_volume
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        maps = [f for f in self.findings if f.map is not None]
+        if maps:
+            (out / MAPS_DIR).mkdir(exist_ok=True)
+        for f in maps:
+            write_volume(f.map, out / MAPS_DIR / f"{slug(f.name)}.nii.gz")
+        atomic_write_text(out / RESULTS_CSV, self.csv_text())
+        # results.json last: its presence means the whole set is complete
+        atomic_write_text(out / RESULTS_JSON, json.dumps(self.to_dict(), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], map_of: "Callable[[dict], Volume | None] | None" = None) -> "ScreeningResult":
+        """Inverse of ``to_dict``; ``map_of(finding_dict)`` supplies each map (file, MRML node ...)."""
+        findings = []
+        for d in data["findings"]:
+            h = d.get("hotspot")
+            hotspot = None if h is None else Hotspot(tuple(h["ras"]), h["value"], h["extent_mm3"], h["threshold"])
+            findings.append(FindingResult(
+                d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"],
+                map_of(d) if map_of is not None else None, hotspot, d.get("knowledge", {}), d.get("published_score"),
+                d.get("validation_auc"),  # absent in results written before it existed
+            ))
+        return cls(data.get("input", {}), data["model"], data["device"], findings, data.get("elapsed_s", 0.0),
+                   data.get("disclaimer", ""), list(data.get("warnings", [])))
+
+    @classmethod
+    def read(cls, out_dir: str | Path, load_maps: bool = True) -> "ScreeningResult":
+        from medalign.core.errors import InputError
+        from medalign.core.volume_io import read_volume
+
+        out = Path(out_dir)
+        path = out / RESULTS_JSON
+        if not path.is_file():
+            raise InputError(f"No {RESULTS_JSON} in {out}: the screening did not finish.")
+
+        def map_of(d: dict) -> Volume | None:
+            if not (load_maps and d.get("map")):
+                return None
+            vol = read_volume(out / d["map"])
+            if vol.array.dtype != np.float32:
+                vol.array = vol.array.astype(np.float32)
+            return vol
+
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")), map_of)

@@ -1,0 +1,253 @@
+"""Zero-shot screening: encode the image once, score every finding, map where it matches.
+
+``Screener`` holds a model and the prompt latents of a finding list, so a cohort (batch,
+eval) pays for the text side once; ``screen`` is the one-call form used by the CLI, the
+Slicer module and the console.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from medalign.core.errors import CancelledError
+from medalign.models.base import ScreeningModel
+from medalign.inference.results import FindingResult, Hotspot, ScreeningResult, is_near_chance
+from medalign.core.volume import Volume
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+DISCLAIMER = "Research use only; not for clinical decisions."
+_MODEL_CACHE: dict[tuple[str, str], ScreeningModel] = {}
+
+
+def default_findings() -> list[str]:
+    from medalign.knowledge.findings import CT_RATE_FINDINGS
+
+    return list(CT_RATE_FINDINGS)
+
+
+def parse_findings(text: str | Sequence[str] | None) -> list[str]:
+    """"A;B" or a list -> clean, de-duplicated names; None/"" -> the 18 CT-RATE findings.
+
+    The words "ct-rate" and "ct-rate-lt" expand to those finding lists.
+    """
+    from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
+
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return default_findings()
+    items = text.split(";") if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in (s.strip() for s in items):
+        expand = {"ct-rate": CT_RATE_FINDINGS, "ct-rate-lt": CT_RATE_LT_FINDINGS}.get(item.lower(), [item] if item else [])
+        out += [n for n in expand if n.lower() not in {o.lower() for o in out}]
+    if not out:
+        from medalign.core.errors import InputError
+
+        raise InputError("No finding names were given.")
+    return out
+
+
+def get_model(model: str | ScreeningModel | None, device: torch.device) -> tuple[ScreeningModel, str]:
+    """A ready model and its display name; registry models are cached per device."""
+    from medalign import models
+    from medalign.models import registry
+
+    if isinstance(model, ScreeningModel):
+        return model.to(device).eval(), getattr(model, "name", model.family)
+    name = model or registry.DEFAULT_MODEL
+    key = (name, str(device))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = models.load(name, device=str(device))
+    return _MODEL_CACHE[key], name
+
+
+@dataclass
+class PromptLatents:
+    """Per finding: ensembled positive/negative latents and every variant (for uncertainty)."""
+
+    finding: str
+    positive: torch.Tensor  # (P, D)
+    negative: torch.Tensor  # (Q, D)
+    ensemble: torch.Tensor  # (2, D): mean positive, mean negative (renormalised)
+
+
+def _ensemble(latents: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(latents.mean(0, keepdim=True), dim=-1)
+
+
+def hotspot_of(map_volume: Volume, fraction: float = 0.5) -> Hotspot | None:
+    """Peak of a map and the connected region above ``fraction`` x peak around it."""
+    from scipy import ndimage
+
+    arr = map_volume.array
+    if arr.size == 0 or not np.isfinite(arr).any():
+        return None
+    k, j, i = np.unravel_index(int(np.nanargmax(arr)), arr.shape)
+    peak = float(arr[k, j, i])
+    threshold = peak * fraction if peak > 0 else peak
+    labels, _ = ndimage.label(arr >= threshold)
+    voxels = int((labels == labels[k, j, i]).sum())
+    voxel_mm3 = float(np.prod(map_volume.spacing))
+    ras = map_volume.ijk_to_ras_points(np.array([[i, j, k]]))[0]
+    return Hotspot(ras=tuple(float(v) for v in ras), value=peak, extent_mm3=voxels * voxel_mm3, threshold=threshold)
+
+
+class Screener:
+    """A model plus the prompt latents of one finding list, reusable across volumes."""
+
+    def __init__(
+        self,
+        model: str | ScreeningModel | None = None,
+        findings: str | Sequence[str] | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ) -> None:
+        from medalign.core.device import resolve_device
+
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.model, self.model_name = get_model(model, self.device)
+        self.findings = parse_findings(findings)
+        self.prompts = self._prompt_latents()
+
+    @torch.no_grad()
+    def _prompt_latents(self) -> list[PromptLatents]:
+        from medalign.knowledge.findings import build_prompts
+
+        use_kb = self.model.use_knowledge_prompts
+        sets = [build_prompts(f, self.model.prompt_templates, use_knowledge=use_kb) for f in self.findings]
+        texts = [t for s in sets for t in (*s.positive, *s.negative)]
+        latents = self.model.text_latents(texts).float()
+        out, at = [], 0
+        for s in sets:
+            pos = latents[at : at + len(s.positive)]
+            at += len(s.positive)
+            neg = latents[at : at + len(s.negative)]
+            at += len(s.negative)
+            out.append(PromptLatents(s.finding, pos, neg, torch.cat([_ensemble(pos), _ensemble(neg)])))
+        return out
+
+    def thresholds(self) -> dict[str, float]:
+        return dict(getattr(self.model, "thresholds", {}) or {})
+
+    def validation_auc(self) -> dict[str, float]:
+        """Per-finding AUC on the held-out set the thresholds were chosen on (medalign models)."""
+        return dict(getattr(self.model, "validation_auc", {}) or {})
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        volume: Volume,
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+        with_maps: bool = True,
+        check: bool = True,
+    ) -> ScreeningResult:
+        from medalign.inference.coverage import coverage_warnings
+        from medalign.inference.input_checks import check_ct
+        from medalign.core.device import run_with_fallback
+
+        report = progress or (lambda f, m: None)
+        start = time.perf_counter()
+
+        def step(fraction: float, message: str) -> None:
+            if cancel is not None and cancel():
+                raise CancelledError("Screening was cancelled; nothing was written.")
+            report(fraction, message)
+
+        step(0.0, "checking the input")
+        if check:
+            check_ct(volume)
+        step(0.1, "preprocessing")
+        feats, prepared, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
+        warnings = coverage_warnings(prepared) if check else []
+        step(0.5, "scoring findings")
+        findings = self._score(feats, prepared, volume, device, step, with_maps)
+        step(1.0, "done")
+        return ScreeningResult(
+            input={k: v for k, v in volume.metadata.items() if isinstance(v, (str, int, float, list, tuple))}
+            | {"shape_ijk": list(volume.shape_ijk), "spacing": [round(s, 4) for s in volume.spacing]},
+            model=self.model_name,
+            device=str(device),
+            findings=findings,
+            elapsed_s=time.perf_counter() - start,
+            disclaimer=getattr(self.model, "disclaimer", DISCLAIMER),
+            warnings=warnings,
+        )
+
+    def _encode(self, volume: Volume, device: torch.device):
+        from medalign.core.device import autocast
+        from medalign.inference.preprocess import prepare
+
+        if device != self.device:  # fell back (GPU out of memory): move model and prompts once
+            self.model.to(device)
+            self.device = device
+            for p in self.prompts:
+                p.positive, p.negative, p.ensemble = (t.to(device) for t in (p.positive, p.negative, p.ensemble))
+        prepared = prepare(volume, self.model.profile, device=device)
+        with autocast(device, self.precision):
+            feats = self.model.image_features(self.model.input_from_grid(prepared.tensor))
+        feats.global_latent, feats.tokens = feats.global_latent.float(), feats.tokens.float()
+        return feats, prepared, device
+
+    def _score(self, feats, prepared, volume: Volume, device, step, with_maps: bool) -> list[FindingResult]:
+        from medalign.knowledge.findings import find
+        from medalign.inference.preprocess import token_map_to_volume
+
+        thresholds, validation_auc = self.thresholds(), self.validation_auc()
+        results = []
+        dev = feats.global_latent.device
+        for n, p in enumerate(self.prompts):
+            step(0.5 + 0.5 * n / max(1, len(self.prompts)), f"scoring {p.finding}")
+            # one call scores the ensembled pair and every wording (for the uncertainty)
+            n_pos = len(p.positive)
+            every = self.model.logits(feats, torch.cat([p.ensemble, p.positive, p.negative]).to(dev))[0]
+            logits, pos, neg = every[:2], every[2 : 2 + n_pos], every[2 + n_pos :]
+            prob = float(torch.softmax(logits, dim=0)[0])
+            variants = torch.sigmoid(pos[:, None] - neg[None, :]).flatten()
+            uncertainty = float(variants.std(unbiased=False)) if variants.numel() > 1 else 0.0
+            map_volume = hotspot = None
+            if with_maps:
+                tl = self.model.token_logits(feats, p.ensemble.to(dev))[0]  # (2, X', Y', Z')
+                token_map = (tl[0] - tl[1]).float().cpu().numpy()
+                map_volume = token_map_to_volume(token_map, prepared, self.model.token_layout()[0], reference=volume)
+                map_volume.metadata.update({"finding": p.finding, "model": self.model_name})
+                hotspot = hotspot_of(map_volume)
+            published = self.model.published_score(feats, p.positive[:1].to(dev))
+            kb = find(p.finding)
+            knowledge = {"definition": kb.definition} if kb is not None else {}
+            auc = validation_auc.get(p.finding)
+            results.append(FindingResult(
+                name=p.finding,
+                probability=prob,
+                uncertainty=uncertainty,
+                flagged=prob >= thresholds.get(p.finding, 0.5) and not is_near_chance(auc),
+                score=float(logits[0] - logits[1]),
+                map=map_volume,
+                hotspot=hotspot,
+                knowledge=knowledge,
+                published_score=None if published is None else float(published[0, 0]),
+                validation_auc=auc,
+            ))
+        return results
+
+
+def screen(
+    volume: Volume,
+    findings: str | Sequence[str] | None = None,
+    model: str | ScreeningModel | None = None,
+    device: str = "auto",
+    progress: ProgressFn | None = None,
+    cancel: CancelFn | None = None,
+    precision: str = "auto",
+    with_maps: bool = True,
+) -> ScreeningResult:
+    """Screen one CT volume for ``findings`` (default: the 18 CT-RATE abnormalities)."""
+    screener = Screener(model=model, findings=findings, device=device, precision=precision)
+    return screener(volume, progress=progress, cancel=cancel, with_maps=with_maps)

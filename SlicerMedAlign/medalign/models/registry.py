@@ -1,0 +1,484 @@
+"""Model registry: which weights each model name means, and proof they are the right bytes.
+
+Three models are built in (``medalign-demo`` ships inside the package; ``brgsa`` and
+``ct-clip`` need user-supplied weights because their licences and sizes forbid bundling).
+Users register weights with ``medalign models add``; those entries live in
+``cache_dir()/registry.json`` so they survive upgrades of the package.  Every weight file
+is checked against its SHA-256 before use; the result is memoised by (path, size, mtime)
+in ``cache_dir()/verified.json`` so a 700 MB checkpoint is hashed once, not on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+from medalign.core.errors import CheckpointError, InputError
+from medalign.core.resources import resources_dir
+
+DEFAULT_MODEL = "medalign-demo"
+
+# Families a registry entry may name; ``medalign.models.FAMILY_LOADERS`` maps them to
+# loaders.  Kept here as plain strings so ``medalign models list`` never imports torch.
+FAMILIES = ("medalign", "brgsa", "ct-clip")
+
+_REGISTRY_FILE = "registry.json"
+_VERIFIED_FILE = "verified.json"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class ModelEntry:
+    """One registry row; ``weights`` is a local path or an http(s)/file URL (None = unset)."""
+
+    name: str
+    family: str  # "medalign" | "brgsa" | "ct-clip"
+    weights: str | None
+    sha256: str | None
+    text_encoder: str | None  # folder with a BERT-style model, or None for the family default
+    card: Path | None  # MODEL_CARD.md, when one ships with the package
+    description: str
+    builtin: bool
+
+    @property
+    def is_url(self) -> bool:
+        return self.weights is not None and _is_url(self.weights)
+
+
+# --------------------------------------------------------------------------- locations
+
+
+def cache_dir() -> Path:
+    """Per-user folder for the registry, verified hashes and downloads.
+
+    ``$MEDALIGN_HOME`` wins so tests, clusters and Slicer installs can relocate it.
+    """
+    env = os.environ.get("MEDALIGN_HOME")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "medalign"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "medalign"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "medalign"
+
+
+def _model_dir(name: str) -> Path:
+    return resources_dir() / "models" / name
+
+
+def _demo_weights() -> Path:
+    return _model_dir(DEFAULT_MODEL) / "model.safetensors"
+
+
+def _card(name: str) -> Path | None:
+    path = _model_dir(name) / "MODEL_CARD.md"
+    return path if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- builtins
+
+
+def _builtins() -> dict[str, ModelEntry]:
+    demo_sha = None
+    sha_file = _demo_weights().with_name(_demo_weights().name + ".sha256")
+    if sha_file.is_file():
+        tokens = sha_file.read_text(encoding="utf-8").split()
+        demo_sha = tokens[0].lower() if tokens else None
+    return {
+        DEFAULT_MODEL: ModelEntry(
+            name=DEFAULT_MODEL,
+            family="medalign",
+            weights=str(_demo_weights()),
+            sha256=demo_sha,
+            text_encoder=None,
+            card=_card(DEFAULT_MODEL),
+            description="Embedded demo model trained on synthetic CT phantoms (demo, not for clinical use).",
+            builtin=True,
+        ),
+        "brgsa": ModelEntry(
+            name="brgsa",
+            family="brgsa",
+            weights=None,
+            sha256=None,
+            text_encoder=None,
+            card=_card("brgsa"),
+            description="BrgSA 3D ViT-B with knowledge bank; bring your own checkpoint and CXR-BERT folder.",
+            builtin=True,
+        ),
+        "ct-clip": ModelEntry(
+            name="ct-clip",
+            family="ct-clip",
+            weights=None,
+            sha256=None,
+            text_encoder=None,
+            card=_card("ct-clip"),
+            description="CT-CLIP (CTViT + CXR-BERT); bring your own CT-CLIP_v2.pt and CXR-BERT folder.",
+            builtin=True,
+        ),
+    }
+
+
+# --------------------------------------------------------------------------- user file
+
+
+def _atomic_write_json(path: Path, data: object) -> None:
+    """Write JSON under a unique temporary name then rename, so concurrent readers
+    (e.g. torchrun ranks) never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _registry_path() -> Path:
+    return cache_dir() / _REGISTRY_FILE
+
+
+def _load_user() -> dict[str, dict]:
+    path = _registry_path()
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        models = data["models"]
+        if not isinstance(models, dict):
+            raise TypeError
+        return models
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"The model registry {path} is corrupt ({type(exc).__name__}); fix or delete it and re-add your models."
+        ) from None
+
+
+def _save_user(models: dict[str, dict]) -> None:
+    _atomic_write_json(_registry_path(), {"version": 1, "models": models})
+
+
+def _entry_from_user(name: str, raw: dict, base: ModelEntry | None) -> ModelEntry:
+    return ModelEntry(
+        name=name,
+        family=str(raw.get("family") or (base.family if base else "medalign")),
+        weights=raw.get("weights"),
+        sha256=(raw.get("sha256") or "").lower() or None,
+        text_encoder=raw.get("text_encoder") or (base.text_encoder if base else None),
+        card=base.card if base else _card(name),
+        description=str(raw.get("description") or (base.description if base else "")),
+        builtin=base is not None,
+    )
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def list_models() -> list[ModelEntry]:
+    """Builtins first (demo, then the others), then user entries by name."""
+    builtins = _builtins()
+    user = _load_user()
+    entries = [
+        _entry_from_user(name, user[name], entry) if name in user else entry for name, entry in builtins.items()
+    ]
+    entries += [_entry_from_user(name, user[name], None) for name in sorted(user) if name not in builtins]
+    return entries
+
+
+def get(name: str) -> ModelEntry:
+    """The entry called ``name``; an unknown name lists the known ones."""
+    for entry in list_models():
+        if entry.name == name:
+            return entry
+    known = ", ".join(entry.name for entry in list_models())
+    raise CheckpointError(f"Unknown model '{name}' (known: {known}).")
+
+
+# --------------------------------------------------------------------------- changes
+
+
+def _is_url(value: str) -> bool:
+    return urlparse(value).scheme.lower() in ("http", "https", "file")
+
+
+def _url_local_path(url: str) -> Path:
+    return Path(unquote(urlparse(url).path))
+
+
+def _normalise_sha(sha256: str) -> str:
+    sha = (sha256 or "").strip().lower()
+    if not _SHA256_RE.match(sha):
+        raise InputError(f"'{sha256}' is not a SHA-256 hash (expected 64 hexadecimal characters).")
+    return sha
+
+
+def add(
+    name: str,
+    weights: str | os.PathLike,
+    sha256: str,
+    family: str | None = None,
+    text_encoder: str | os.PathLike | None = None,
+    description: str = "",
+) -> ModelEntry:
+    """Register (or re-register) weights under ``name``.
+
+    A local file is hashed now, so a wrong hash is refused at once rather than at the
+    first screening; URLs are checked when downloaded.
+    """
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", name or ""):
+        raise InputError(f"'{name}' is not a valid model name (use letters, digits, '.', '_' and '-').")
+    if name == DEFAULT_MODEL:
+        raise CheckpointError(f"'{DEFAULT_MODEL}' is the embedded demo model and cannot be replaced; pick another name.")
+    base = _builtins().get(name)
+    if family is None:
+        family = base.family if base else "medalign"
+    if family not in FAMILIES:
+        raise InputError(f"Unknown model family '{family}' (known: {', '.join(FAMILIES)}).")
+    if base is not None and family != base.family:
+        raise InputError(f"Model '{name}' belongs to family '{base.family}', not '{family}'.")
+    sha = _normalise_sha(sha256)
+
+    weights_str = str(weights)
+    if _is_url(weights_str) and urlparse(weights_str).scheme.lower() != "file":
+        stored = weights_str
+    else:
+        local = _url_local_path(weights_str) if _is_url(weights_str) else Path(weights_str).expanduser()
+        local = local.resolve()
+        if not local.is_file():
+            raise InputError(f"Weights file not found: {local}.")
+        _check_local(local, sha, name)
+        stored = str(local)
+
+    encoder = None
+    if text_encoder is not None:
+        encoder_path = Path(text_encoder).expanduser().resolve()
+        if not encoder_path.is_dir():
+            raise InputError(f"Text encoder folder not found: {encoder_path}.")
+        encoder = str(encoder_path)
+
+    user = _load_user()
+    if name in user and user[name].get("weights") != stored:
+        shutil.rmtree(_download_dir(name), ignore_errors=True)  # a copy of the old URL is no use now
+    user[name] = {
+        "family": family,
+        "weights": stored,
+        "sha256": sha,
+        "text_encoder": encoder,
+        "description": description,
+    }
+    _save_user(user)
+    return get(name)
+
+
+def remove(name: str) -> None:
+    """Forget a user registration and delete weights this registry downloaded for it.
+
+    A user's own local weight file is never deleted.  Removing a builtin's
+    registration returns it to "no weights registered".
+    """
+    user = _load_user()
+    if name not in user:
+        if name in _builtins():
+            raise CheckpointError(f"Model '{name}' is built in and has no registration of yours to remove.")
+        get(name)  # raises the 'Unknown model' sentence
+    del user[name]
+    _save_user(user)
+    shutil.rmtree(_download_dir(name), ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _verified_path() -> Path:
+    return cache_dir() / _VERIFIED_FILE
+
+
+def _load_verified() -> dict[str, dict]:
+    try:
+        data = json.loads(_verified_path().read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # a lost memo only costs one re-hash
+
+
+def _stat_key(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def _memo_sha(path: Path) -> str | None:
+    """The hash recorded for ``path`` if its size and mtime are unchanged since."""
+    record = _load_verified().get(str(path))
+    if not isinstance(record, dict):
+        return None
+    if (record.get("size"), record.get("mtime_ns")) != _stat_key(path):
+        return None
+    return record.get("sha256")
+
+
+def _remember_sha(path: Path, sha: str) -> None:
+    size, mtime_ns = _stat_key(path)
+    memo = _load_verified()
+    memo[str(path)] = {"size": size, "mtime_ns": mtime_ns, "sha256": sha}
+    try:
+        _atomic_write_json(_verified_path(), memo)
+    except OSError:
+        pass  # read-only cache: verification still happened, only the memo is lost
+
+
+def _file_sha(path: Path, use_memo: bool = True) -> str:
+    from medalign.models.download import sha256_file
+
+    if use_memo:
+        cached = _memo_sha(path)
+        if cached:
+            return cached
+    sha = sha256_file(path)
+    _remember_sha(path, sha)
+    return sha
+
+
+def _check_local(path: Path, expected: str, name: str, use_memo: bool = True) -> Path:
+    actual = _file_sha(path, use_memo=use_memo)
+    if actual != expected:
+        raise CheckpointError(
+            f"Weights {path} for model '{name}' have SHA-256 {actual} but {expected} was registered; "
+            "the file is corrupt or not the registered one."
+        )
+    return path
+
+
+def _download_dir(name: str) -> Path:
+    return cache_dir() / "weights" / name
+
+
+def _download_target(entry: ModelEntry) -> Path:
+    filename = Path(unquote(urlparse(entry.weights or "").path)).name or "weights.bin"
+    return _download_dir(entry.name) / filename
+
+
+def _offline() -> bool:
+    return os.environ.get("MEDALIGN_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _require_registration(entry: ModelEntry) -> None:
+    if entry.name == DEFAULT_MODEL and entry.builtin:
+        if not Path(entry.weights or "").is_file() or not entry.sha256:
+            raise CheckpointError(
+                f"The embedded demo model is missing from this installation ({_demo_weights()} "
+                "or its .sha256 file is absent); reinstall medalign."
+            )
+        return
+    if entry.weights is None:
+        raise CheckpointError(
+            f"Model '{entry.name}' has no weights registered; "
+            f"run: medalign models add {entry.name} --weights PATH --sha256 HEX"
+        )
+    if not entry.sha256:
+        raise CheckpointError(
+            f"Model '{entry.name}' has no SHA-256 registered; "
+            f"run: medalign models add {entry.name} --weights {entry.weights} --sha256 HEX"
+        )
+
+
+def resolve_weights(entry: ModelEntry, allow_download: bool | None = None, *, progress: bool = True) -> Path:
+    """A local, hash-verified weight file for ``entry``, downloading it if needed and allowed.
+
+    ``allow_download=None`` means "unless MEDALIGN_OFFLINE=1": offline sites (hospitals,
+    clusters without egress) get a clear sentence instead of a hanging socket.
+    """
+    _require_registration(entry)
+    assert entry.weights is not None and entry.sha256 is not None
+    if not entry.is_url or urlparse(entry.weights).scheme.lower() == "file":
+        path = _url_local_path(entry.weights) if entry.is_url else Path(entry.weights)
+        if not path.is_file():
+            raise CheckpointError(f"Weights file {path} for model '{entry.name}' does not exist.")
+        return _check_local(path, entry.sha256, entry.name)
+
+    target = _download_target(entry)
+    if target.is_file():
+        try:
+            return _check_local(target, entry.sha256, entry.name)
+        except CheckpointError:
+            target.unlink(missing_ok=True)  # stale or damaged copy: fetch afresh below
+    if allow_download is None:
+        allow_download = not _offline()
+    if not allow_download:
+        raise CheckpointError(
+            f"Weights for model '{entry.name}' are not downloaded and downloads are disabled "
+            f"(MEDALIGN_OFFLINE=1); run 'medalign models download {entry.name}' where the network is reachable."
+        )
+    from medalign.models.download import download
+
+    download(entry.weights, target, entry.sha256, progress=progress)
+    _remember_sha(target, entry.sha256)
+    return target
+
+
+def weights_status(entry: ModelEntry) -> str:
+    """A cheap one-word state for listings (no hashing): ready / not downloaded / missing / unset."""
+    if entry.weights is None or (entry.name == DEFAULT_MODEL and not entry.sha256):
+        return "missing" if entry.name == DEFAULT_MODEL else "unset"
+    if entry.is_url and urlparse(entry.weights).scheme.lower() != "file":
+        return "downloaded" if _download_target(entry).is_file() else "not downloaded"
+    path = _url_local_path(entry.weights) if entry.is_url else Path(entry.weights)
+    return "local" if path.is_file() else "missing"
+
+
+def verify(name: str) -> tuple[bool, str]:
+    """Re-hash the weights of ``name`` now (ignoring the memo); never downloads."""
+    entry = get(name)
+    try:
+        _require_registration(entry)
+    except CheckpointError as exc:
+        return False, str(exc)
+    assert entry.weights is not None and entry.sha256 is not None
+    if entry.is_url and urlparse(entry.weights).scheme.lower() != "file":
+        path = _download_target(entry)
+        if not path.is_file():
+            return False, f"Weights for model '{name}' are not downloaded yet; run: medalign models download {name}"
+    else:
+        path = _url_local_path(entry.weights) if entry.is_url else Path(entry.weights)
+        if not path.is_file():
+            return False, f"Weights file {path} for model '{name}' does not exist."
+    try:
+        _check_local(path, entry.sha256, name, use_memo=False)
+    except CheckpointError as exc:
+        return False, str(exc)
+    return True, f"Model '{name}': {path} matches SHA-256 {entry.sha256}."
+
+
+def entry_as_dict(entry: ModelEntry) -> dict:
+    """JSON-friendly view (for ``medalign models list --json`` and reports)."""
+    data = asdict(entry)
+    data["card"] = str(entry.card) if entry.card else None
+    return data
+
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "FAMILIES",
+    "ModelEntry",
+    "add",
+    "cache_dir",
+    "entry_as_dict",
+    "get",
+    "list_models",
+    "remove",
+    "resolve_weights",
+    "resources_dir",
+    "verify",
+    "weights_status",
+]

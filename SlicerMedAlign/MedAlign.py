@@ -312,7 +312,7 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGUIFromParameterNode()
 
     def onProcessOutputFrom(self, process, job) -> None:
-        for fraction, message in job.feed(_text(process.readAllStandardOutput()) + "\n"):
+        for _fraction, message in job.feed(_text(process.readAllStandardOutput()) + "\n"):
             self.ui.statusLabel.text = message
 
     # ------------------------------------------------------------------ results

@@ -12,8 +12,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from medalign.core.errors import CancelledError, MedAlignError
 from medalign.core.progress import PROGRESS_PREFIX, parse_progress_line

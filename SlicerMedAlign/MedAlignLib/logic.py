@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import vtk
 
 from medalign.core.errors import CancelledError, InputError
 from medalign.inference.results import MIN_FLAG_AUC
+
 from .colors import build_color_node, find_color_node
 from .nodes import image_data_from_array, node_from_volume, numpy_to_matrix, volume_from_node
 
@@ -62,7 +64,7 @@ class ScreeningLogic:
         device: str = "auto",
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
-    ) -> "ScreeningResult":
+    ) -> ScreeningResult:
         """Screen ``volumeNode`` in this process and add the result nodes (see ``add_result``).
 
         The node is copied before the engine sees it, so it is never modified. Raises
@@ -90,7 +92,7 @@ class ScreeningLogic:
         return self.add_result(result, volumeNode, parameters=params)
 
     # ------------------------------------------------------------------ result -> nodes
-    def add_result(self, result: "ScreeningResult", inputNode, parameters: dict | None = None,
+    def add_result(self, result: ScreeningResult, inputNode, parameters: dict | None = None,
                    cancel: CancelFn | None = None):
         """Create the table node, the map volume nodes and their subject hierarchy folder.
 
@@ -155,7 +157,7 @@ class ScreeningLogic:
         self.last_table = table
         return table
 
-    def _build_table(self, result: "ScreeningResult", ranked: list, input_name: str, parameters: dict | None):
+    def _build_table(self, result: ScreeningResult, ranked: list, input_name: str, parameters: dict | None):
         from slicer import vtkMRMLTableNode
 
         table_node = vtkMRMLTableNode()
@@ -256,7 +258,7 @@ class ScreeningLogic:
         """Finding name shown in a row of a results table (for clicks in the table view)."""
         return table.GetCellText(row, 0)
 
-    def result_from_table(self, table=None, load_maps: bool = True) -> "ScreeningResult":
+    def result_from_table(self, table=None, load_maps: bool = True) -> ScreeningResult:
         """Rebuild the engine's ``ScreeningResult`` from a (possibly reloaded) results table."""
         from medalign.inference.results import ScreeningResult
 
@@ -458,7 +460,7 @@ def _add_with_storage(scene, node) -> list:
     return added
 
 
-def _hotspot_dict(finding: "FindingResult") -> dict | None:
+def _hotspot_dict(finding: FindingResult) -> dict | None:
     h = finding.hotspot
     if h is None:
         return None

@@ -48,7 +48,7 @@ def describe_location(ras: tuple[float, float, float] | np.ndarray,
     return f"{words[0]}, {words[1]}, {words[2]} part of the scanned region"
 
 
-def _definition(finding: "FindingResult") -> str:
+def _definition(finding: FindingResult) -> str:
     if finding.knowledge.get("definition"):
         return str(finding.knowledge["definition"])
     from medalign.knowledge.findings import find
@@ -57,7 +57,7 @@ def _definition(finding: "FindingResult") -> str:
     return entry.definition if entry is not None else ""
 
 
-def finding_report(finding: "FindingResult") -> dict[str, Any]:
+def finding_report(finding: FindingResult) -> dict[str, Any]:
     """One finding's report entry (JSON-able)."""
     from medalign.inference.results import MAPS_DIR, slug
 
@@ -82,7 +82,7 @@ def finding_report(finding: "FindingResult") -> dict[str, Any]:
     }
 
 
-def report_dict(result: "ScreeningResult") -> dict[str, Any]:
+def report_dict(result: ScreeningResult) -> dict[str, Any]:
     return {
         "model": result.model,
         "device": result.device,
@@ -111,7 +111,7 @@ def report_csv(report: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def export_report(result: "ScreeningResult", out_dir: str | Path) -> Path:
+def export_report(result: ScreeningResult, out_dir: str | Path) -> Path:
     """Write results.json/csv, maps/*.nii.gz, report.json and report.csv into ``out_dir``."""
     from medalign.core.volume_io import atomic_write_text
 

@@ -35,11 +35,11 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from medalign.evaluation.evaluate import mask_bit, localization
+from medalign.core.volume import Volume
+from medalign.evaluation.evaluate import localization, mask_bit
+from medalign.inference.screener import Screener
 from medalign.knowledge.findings import CT_RATE_FINDINGS
 from medalign.synth.phantoms import make_phantom
-from medalign.inference.screener import Screener
-from medalign.core.volume import Volume
 
 FIRST_SEED = 900000  # far from the seeds the demo data sets use (1, 2, 3 and their cases)
 PREVALENCE = 0.3  # as in the demo model's training phantoms

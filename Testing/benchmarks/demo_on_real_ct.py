@@ -17,8 +17,8 @@ import numpy as np
 
 from medalign.core.errors import MedAlignError
 from medalign.core.volume_io import read_volume
-from medalign.models import load
 from medalign.inference.screener import Screener
+from medalign.models import load
 
 CASES = ["chest_ct_lung_mass.nii.gz", "chest_cta_mediastinum_crop.nii.gz", "abdomen_ct_3mm.nii.gz", "abdomen_ct_dicom", "mr_not_ct.nii.gz"]
 
@@ -65,8 +65,10 @@ def main() -> None:
             for finding in ("Lung nodule", "Lung mass"):
                 inside, ras, dist = peak_in_box(result, finding, box)
                 p = result.finding(finding).probability
-                print(f"   {finding}: p={p:.3f}, map peak at RAS {ras}: {'INSIDE' if inside else 'outside'} the expert box ({dist:.0f} mm from its centre)")
-                entry[finding] = {"probability": round(p, 3), "peak_ras": ras, "inside_box": inside, "distance_to_box_centre_mm": round(dist, 1)}
+                print(f"   {finding}: p={p:.3f}, map peak at RAS {ras}: {'INSIDE' if inside else 'outside'} the expert box "
+                      f"({dist:.0f} mm from its centre)")
+                entry[finding] = {"probability": round(p, 3), "peak_ras": ras, "inside_box": inside,
+                                  "distance_to_box_centre_mm": round(dist, 1)}
         report[name] = entry
     print(json.dumps(report, indent=1))
 

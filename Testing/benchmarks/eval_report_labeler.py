@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from medalign.knowledge.findings import CT_RATE_FINDINGS
 from medalign.data.report_labeller import find_mentions, label_report
+from medalign.knowledge.findings import CT_RATE_FINDINGS
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = Path(os.environ.get("MEDALIGN_SHARED", REPO.parent / "shared")) / "data" / "reports" / "ctrate_labeled_reports_800.csv"

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from medalign.data.cohorts import load_cohort
+
 from medalign.core.volume_io import read_volume
-from medalign.knowledge.findings import CT_RATE_FINDINGS
+from medalign.data.cohorts import load_cohort
 from medalign.inference.preprocess import hu_to_model_value, prepare
 from medalign.inference.screener import Screener
+from medalign.knowledge.findings import CT_RATE_FINDINGS
 from medalign.training.loop import resolve_labels, token_mask
 
 

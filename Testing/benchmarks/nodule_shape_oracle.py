@@ -32,8 +32,8 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from medalign.data.cohorts import load_cohort
 from medalign.core.volume_io import read_volume
+from medalign.data.cohorts import load_cohort
 from medalign.knowledge.findings import CT_RATE_FINDINGS
 from medalign.training.loop import resolve_labels
 

@@ -7,11 +7,11 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import synthetic_ct, tiny_checkpoint
+
 from medalign.cli import main
-from medalign.models.download import sha256_file
 from medalign.core.volume_io import write_volume
+from medalign.models.download import sha256_file
 
 
 @pytest.fixture()
@@ -57,7 +57,8 @@ def test_progress_lines_are_machine_readable(tiny_model, ct_file, tmp_path, caps
 
 @pytest.mark.parametrize("make_bad, phrase", [
     (lambda d: d / "missing.nii.gz", "does not exist"),
-    (lambda d: write_volume(synthetic_ct().__class__(np.full((20, 32, 32), 300, np.int16) + np.arange(32, dtype=np.int16) * 40, np.eye(4)), d / "mr.nii.gz"), "CT"),
+    (lambda d: write_volume(synthetic_ct().__class__(np.full((20, 32, 32), 300, np.int16) + np.arange(32, dtype=np.int16) * 40, np.eye(4)),
+                            d / "mr.nii.gz"), "CT"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tiny_model, tmp_path, capsys, make_bad, phrase):
     bad = make_bad(tmp_path)

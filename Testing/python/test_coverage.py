@@ -7,11 +7,12 @@ import dataclasses
 import numpy as np
 import pytest
 
+from medalign.core.volume import Volume
 from medalign.inference.coverage import coverage_warnings
-from medalign.synth.phantoms import make_phantom
 from medalign.inference.preprocess import prepare
 from medalign.models.profiles import DEMO
-from medalign.core.volume import Volume
+from medalign.synth.phantoms import make_phantom
+
 
 @pytest.fixture(scope="module")
 def chest() -> Volume:

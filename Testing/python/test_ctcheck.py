@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medalign.inference.input_checks import MIN_SLICES, check_ct
 from medalign.core.errors import InputError
 from medalign.core.volume import Volume
+from medalign.inference.input_checks import MIN_SLICES, check_ct
 
 AFFINE = np.diag([-0.8, -0.8, 2.5, 1.0])
 

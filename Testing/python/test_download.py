@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from medalign.models import registry
 from medalign.cli import main
-from medalign.models.download import download, sha256_file
 from medalign.core.errors import CheckpointError
+from medalign.models import registry
+from medalign.models.download import download, sha256_file
 
 PAYLOAD = random.Random(1234).randbytes(6 * 1024 + 123)  # a few KB, not a multiple of any chunk
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

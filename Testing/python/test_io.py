@@ -12,8 +12,8 @@ import pytest
 import SimpleITK as sitk
 
 from medalign.core.errors import InputError, MedAlignError
-from medalign.core.volume_io import atomic_output, atomic_write_text, read_volume, write_volume
 from medalign.core.volume import Volume
+from medalign.core.volume_io import atomic_output, atomic_write_text, read_volume, write_volume
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -361,16 +361,14 @@ def test_atomic_output_renames_on_success_and_cleans_up_on_failure(tmp_path):
         assert not target.exists()  # invisible until the block succeeds
     assert target.read_text(encoding="utf-8") == "{}"
 
-    with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("cancelled")
+    with pytest.raises(RuntimeError), atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("cancelled")
     assert target.read_text(encoding="utf-8") == "{}"  # the old file is untouched
     assert sorted(p.name for p in target.parent.iterdir()) == ["report.json"]
 
-    with pytest.raises(MedAlignError):
-        with atomic_output(tmp_path / "never.txt"):
-            pass
+    with pytest.raises(MedAlignError), atomic_output(tmp_path / "never.txt"):
+        pass
     assert not (tmp_path / "never.txt").exists()
 
 

@@ -17,15 +17,15 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install 't
 pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
 
 import vtk  # noqa: E402
+from helpers import synthetic_ct, tiny_checkpoint  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
-from helpers import synthetic_ct, tiny_checkpoint  # noqa: E402
 from medalign.core.errors import CancelledError, InputError, MedAlignError  # noqa: E402
 from medalign.core.volume import Volume  # noqa: E402
 from MedAlignLib import (  # noqa: E402
+    TABLE_COLUMNS,
     BackgroundScreening,
     ScreeningLogic,
-    TABLE_COLUMNS,
     describe_location,
     ensure_color_node,
     inferno_rgb,
@@ -320,7 +320,7 @@ def test_failure_while_adding_nodes_rolls_everything_back(tiny, monkeypatch):
 
 
 def test_saved_scene_reloads_with_results_and_parameters(screened, tmp_path):
-    app, logic, result = screened["app"], screened["logic"], screened["result"]
+    app, result = screened["app"], screened["result"]
     parameters = app.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "MedAlign")
     parameters.SetAttribute("ModuleName", "MedAlign")
     parameters.SetParameter("opacity", "0.35")

@@ -175,8 +175,8 @@ def test_enlarged_nodes_lie_in_mediastinal_fat():
 def test_ecg_leads_lie_outside_the_body():
     """Electrodes sit on the skin and their wires in the air in front: the lung and
     mediastinum are untouched, so a phantom's findings do not depend on them."""
-    from medalign.synth.phantoms import _Ctx, _ecg_leads
     from medalign.synth.anatomy import build_anatomy
+    from medalign.synth.phantoms import _Ctx, _ecg_leads
 
     rng = np.random.default_rng(0)
     anat = build_anatomy(rng, sample_geometry(rng, COARSE))

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from medalign.core.errors import InputError
+from medalign.core.volume import Volume
 from medalign.inference.preprocess import PreparedImage, grid_to_ras_points, hu_to_model_value, prepare, token_map_to_volume
 from medalign.models.profiles import BRGSA, CTCLIP, DEMO
-from medalign.core.volume import Volume
 
 
 def rotation(ax: float, az: float) -> np.ndarray:

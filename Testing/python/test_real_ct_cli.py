@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
+from test_cli import tiny_model  # noqa: F401  (fixture: a registered tiny checkpoint)
 
 from medalign.cli import main
 from medalign.core.volume_io import read_volume
-
-from test_cli import tiny_model  # noqa: F401  (fixture: a registered tiny checkpoint)
 
 REAL = ["abdomen_ct_3mm.nii.gz", "abdomen_ct_dicom", "chest_ct_lung_mass.nii.gz"]
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from medalign.core.errors import CheckpointError, InputError
 from medalign.models import download as download_module
 from medalign.models import registry
-from medalign.core.errors import CheckpointError, InputError
 
 CONTENT = bytes(range(256)) * 40
 CONTENT_SHA = hashlib.sha256(CONTENT).hexdigest()

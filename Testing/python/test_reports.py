@@ -18,8 +18,8 @@ import pytest
 
 from medalign.cli import main as cli_main
 from medalign.core.errors import InputError, MedAlignError
-from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
 from medalign.data.report_labeller import find_mentions, label_report, label_reports_csv, normalise, split_sentences, term_pattern
+from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
 
 REPO = Path(__file__).resolve().parents[2]
 ALL = CT_RATE_FINDINGS + CT_RATE_LT_FINDINGS
@@ -228,8 +228,9 @@ def test_labels_of_a_cohorts_reports_are_read_back_by_the_cohort_loader(tmp_path
     """`medalign label-reports cohort/reports.csv --out cohort/labels.csv` makes a cohort
     that `medalign eval` and `medalign train` can use: the case id column is kept."""
     from helpers import synthetic_ct
-    from medalign.data.cohorts import load_cohort
+
     from medalign.core.volume_io import write_volume
+    from medalign.data.cohorts import load_cohort
 
     root = tmp_path / "cohort"
     (root / "volumes").mkdir(parents=True)

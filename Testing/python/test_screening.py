@@ -7,13 +7,13 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import synthetic_ct
+
 from medalign.core.errors import CancelledError
-from medalign.models.medalign_model import tiny_test_model
+from medalign.core.volume import Volume
 from medalign.inference.results import ScreeningResult
 from medalign.inference.screener import Screener, hotspot_of, parse_findings, screen
-from medalign.core.volume import Volume
+from medalign.models.medalign_model import tiny_test_model
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from helpers import synthetic_ct
+
 from medalign.core.volume_io import write_volume
 from medalign.knowledge.findings import CT_RATE_FINDINGS
 
@@ -25,7 +25,8 @@ def _cohort(root, n=8):
         write_volume(vol, root / "volumes" / f"c{i}.nii.gz")
         mask = vol.__class__((vol.array > 200).astype(np.int32) * bit, vol.ijk_to_ras)
         write_volume(mask, root / "masks" / f"c{i}.nii.gz")
-        reports.append({"VolumeName": f"c{i}.nii.gz", "report_text": "A nodule in the left lung." if positive else "No nodule. Lungs are clear."})
+        reports.append({"VolumeName": f"c{i}.nii.gz",
+                        "report_text": "A nodule in the left lung." if positive else "No nodule. Lungs are clear."})
         labels.append({"VolumeName": f"c{i}.nii.gz", "Lung nodule": int(positive), "Emphysema": 0 if i % 3 else 1})
     for name, rows in (("reports.csv", reports), ("labels.csv", labels)):
         with (root / name).open("w", newline="") as fh:
@@ -192,8 +193,8 @@ def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
 
     from medalign.core.volume_io import read_volume
     from medalign.evaluation.metrics import youden_nearest_threshold
-    from medalign.models.medalign_model import load_checkpoint, save_checkpoint, tiny_test_model
     from medalign.inference.screener import Screener
+    from medalign.models.medalign_model import load_checkpoint, save_checkpoint, tiny_test_model
     from medalign.training.loop import calibrate
 
     data = _cohort(tmp_path / "cohort", n=6)
@@ -234,7 +235,6 @@ def test_torchrun_two_processes_train_together(tmp_path):
     """DistributedDataParallel on CPU (gloo): two ranks, one shared checkpoint."""
     import shutil
     import subprocess
-    import sys
 
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")

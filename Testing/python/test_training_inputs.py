@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from medalign.core.errors import InputError
-from medalign.models.base import ImageFeatures
-from medalign.inference.preprocess import prepare
-from medalign.models.profiles import DEMO, PreprocessProfile
 from medalign.core.volume import Volume
+from medalign.inference.preprocess import prepare
+from medalign.models.base import ImageFeatures
+from medalign.models.profiles import DEMO, PreprocessProfile
 
 SOURCE_SPACING = (0.8, 0.8, 1.25)  # a thin-slice scan: one 4 x 4 x 5 mm voxel holds 5 x 5 x 4 of these
 

@@ -41,7 +41,11 @@ def list_inputs(source: Path) -> list[tuple[str, Path]]:
         if not rows or "path" not in rows[0]:
             raise InputError(f"{source} needs a 'path' column listing the CT files or DICOM folders.")
         base = source.parent
-        return [(r.get("id") or Path(r["path"]).name.split(".")[0], (base / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"])) for r in rows]
+        return [
+            (r.get("id") or Path(r["path"]).name.split(".")[0],
+             (base / r["path"]) if not Path(r["path"]).is_absolute() else Path(r["path"]))
+            for r in rows
+        ]
     if source.is_dir():
         items = [p for p in sorted(source.iterdir()) if p.name.endswith(VOLUME_SUFFIXES) or (p.is_dir() and any(p.iterdir()))]
         if not items:
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
             result.input["path"] = str(path)
             result.write(out)
             top = result.ranked()[0]
-            rows.append({"id": case_id, "path": str(path), "status": "ok", "error": "", "top_finding": top.name, "top_probability": round(top.probability, 4)})
+            rows.append({"id": case_id, "path": str(path), "status": "ok", "error": "", "top_finding": top.name,
+                         "top_probability": round(top.probability, 4)})
         except MedAlignError as exc:
             rows.append({"id": case_id, "path": str(path), "status": "failed", "error": str(exc)})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ import sys
 from medalign import __version__
 from medalign.core.errors import MedAlignError
 
-
 # Order is the order shown in ``medalign --help``.
 COMMAND_MODULES = ["screen", "batch", "eval", "train", "phantoms", "label_reports", "models"]
 TORCH_COMMANDS = {"screen", "batch", "eval", "train"}

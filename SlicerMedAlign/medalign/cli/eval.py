@@ -38,7 +38,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{summary['model']} on {summary['cases']} cases: " + ", ".join(f"{k} {v:.3f}" for k, v in macro.items()))
     for name, e in summary["findings"].items():
         auc = e.get("auc", {}).get("value", float("nan"))
-        extra = f"  pointing {e['pointing_game']:.2f} (±{summary['tolerance_mm']:.0f} mm: {e['pointing_game_tolerant']:.2f})" if "pointing_game" in e else ""
+        extra = (
+            f"  pointing {e['pointing_game']:.2f} (±{summary['tolerance_mm']:.0f} mm: {e['pointing_game_tolerant']:.2f})"
+            if "pointing_game" in e else ""
+        )
         print(f"  {name:38s} AUC {auc:.3f}{extra}")
     print(f"wrote {args.out}/metrics.json, metrics.csv, predictions.csv, roc.png")
     return 0

@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("reports", type=Path, help="CSV with one report per row")
     p.add_argument("--out", required=True, type=Path, help="labels CSV to write")
     p.add_argument("--text-column", default="report_text", help="column holding the report text (default: report_text)")
-    p.add_argument("--id-column", default=None, help="column copied to the output as the case id (default: VolumeName or AccessionNo, if present)")
+    p.add_argument("--id-column", default=None,
+                   help="column copied to the output as the case id (default: VolumeName or AccessionNo, if present)")
     p.add_argument(
         "--findings",
         default="ct-rate",

@@ -29,9 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from medalign.core.errors import InputError
+    from medalign.core.progress import ProgressReporter
     from medalign.knowledge.findings import CT_RATE_FINDINGS, find
     from medalign.synth.phantoms import write_dataset
-    from medalign.core.progress import ProgressReporter
 
     findings = None
     if args.findings:

@@ -13,8 +13,9 @@ import math
 import os
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import ContextManager, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -138,7 +139,7 @@ def resolve_precision(device: torch.device, precision: str = "auto") -> torch.dt
     return {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[key]
 
 
-def autocast(device: torch.device, precision: str = "auto") -> ContextManager:
+def autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager:
     """Mixed precision for inference: a no-op for float32, ``torch.autocast`` otherwise.
 
     Autocast (not casting the weights) keeps numerically fragile ops such as softmax

@@ -27,7 +27,7 @@ class ProgressReporter:
         self.desc = desc
         self._bar = None
 
-    def __enter__(self) -> "ProgressReporter":
+    def __enter__(self) -> ProgressReporter:
         if not self.machine:
             from tqdm import tqdm
 

@@ -38,15 +38,14 @@ import csv
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
-from medalign.data.cohorts import ID_COLUMNS
 from medalign.core.errors import InputError, MedAlignError
+from medalign.data.cohorts import ID_COLUMNS
 from medalign.knowledge.findings import CT_RATE_FINDINGS, FindingKnowledge, load_knowledge
-
 
 # --------------------------------------------------------------------------- text helpers
 
@@ -73,9 +72,7 @@ def _plural_pattern(word: str) -> str:
     """
     if word.endswith("ies") and len(word) > 4:
         word = word[:-3] + "y"
-    elif word.endswith("s") and not word.endswith(("ss", "us", "is", "sis")) and len(word) > 3:
-        word = word[:-1]
-    elif word.endswith("ae") and len(word) > 4:
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is", "sis")) and len(word) > 3 or word.endswith("ae") and len(word) > 4:
         word = word[:-1]
     w = re.escape(word)
     if word.endswith("sis"):
@@ -189,7 +186,9 @@ _NORMAL = re.compile(_alternation(POST_NORMAL))
 _NEG_WORD = re.compile(r"\b(?:no|not|without)\b")
 _UNC = re.compile(_alternation(UNCERTAIN))
 _DOUBT = re.compile(_alternation(_DOUBT_OVERRIDES))
-_TERM = re.compile(r"[,:]?\s*\b(?:" + "|".join(re.escape(t) for t in sorted({normalise(x) for x in TERMINATORS}, key=len, reverse=True)) + r")\b|[;:()]")
+_TERM = re.compile(
+    r"[,:]?\s*\b(?:" + "|".join(re.escape(t) for t in sorted({normalise(x) for x in TERMINATORS}, key=len, reverse=True)) + r")\b|[;:()]"
+)
 _VERBS = "|".join(sorted(CLAUSE_VERBS, key=len, reverse=True))
 _CLOSED_AFTER_PRE = re.compile(r"\b(?:" + _VERBS + r")\b(?:\s+\S+){0,6}?\s*(?:,|\band\b)")
 _CLOSED_BEFORE_POST = re.compile(r"\b(?:" + _VERBS + r")\b\s*(?:,|\band\b)")
@@ -211,8 +210,10 @@ _SPECIFIC: dict[str, list[str]] = {
         r"\b(?:cardiomegaly|enlarged heart)\b",
     ],
     "Coronary artery wall calcification": [
-        r"\b(?:coronar(?:y|ies)|lad|rca|circumflex|left anterior descending)\b(?:\s+\S+){0,8}?\s+(?:calcif\w*|calcific|atheroma\w*|atheromatous|atherosclerotic|plaques?)\b",
-        r"\b(?:calcif\w*|calcific|atheroma\w*|atheromatous|atherosclerotic|plaques?)\b(?:\s+\S+){0,14}?\s+(?:coronar(?:y|ies)|lad|rca|circumflex|left anterior descending)\b",
+        r"\b(?:coronar(?:y|ies)|lad|rca|circumflex|left anterior descending)\b(?:\s+\S+){0,8}?\s+"
+        r"(?:calcif\w*|calcific|atheroma\w*|atheromatous|atherosclerotic|plaques?)\b",
+        r"\b(?:calcif\w*|calcific|atheroma\w*|atheromatous|atherosclerotic|plaques?)\b(?:\s+\S+){0,14}?\s+"
+        r"(?:coronar(?:y|ies)|lad|rca|circumflex|left anterior descending)\b",
     ],
     "Arterial wall calcification": [
         r"\b(?:calcif\w*|calcific|atheroma\w*|atheromatous)\b(?:\s+\S+){0,14}?\s+(?:aort\w*|arter\w*|vascular|vessels?|arch|subclavian|carotid|brachiocephalic|iliac)\b",
@@ -252,14 +253,20 @@ _SPECIFIC: dict[str, list[str]] = {
 
 
 # Sentence-level context checks for findings whose words also occur elsewhere in the body.
-_LUNG_WORDS = re.compile(r"\b(?:lungs?|pulmonary|lobes?|lobar|segments?|segmental|lingula\w*|parenchyma\w*|fissur\w*|subpleural|pleural|hemithora\w*|apex|apices|apical|bronch\w*|basal|basals|bases|hilar|hilum)\b")
+_LUNG_WORDS = re.compile(
+    r"\b(?:lungs?|pulmonary|lobes?|lobar|segments?|segmental|lingula\w*|parenchyma\w*|fissur\w*|subpleural|pleural|hemithora\w*|"
+    r"apex|apices|apical|bronch\w*|basal|basals|bases|hilar|hilum)\b"
+)
 _OTHER_ORGANS = re.compile(
     r"\b(?:thyroid|liver|hepatic|hepato\w*|adrenal|spleen|splenic|kidneys?|renal|breasts?|areola|mesenter\w*|pancrea\w*|"
     r"colon|colonic|gallbladder|bladder|stomach|gastric|duoden\w*|bowel|vertebra\w*|schmorl|bone|bones|skin|subcutaneous|"
     r"muscles?|axilla\w*|perirenal|peritone\w*|abdominal|abdomen|mediastinum|mediastinal|pericardi\w*|esophag\w*|oesophag\w*|"
     r"chest wall|scapula|sternum|ribs?)\b"
 )
-_VESSEL = re.compile(r"\b(?:(?:coronary|abdominal|pulmonary)\s+)?(?:aort\w*|arter\w*|vascular|vessels?|arch|subclavian|carotid|brachiocephalic|innominate|iliac)\b(?!\s+valve)")
+_VESSEL = re.compile(
+    r"\b(?:(?:coronary|abdominal|pulmonary)\s+)?(?:aort\w*|arter\w*|vascular|vessels?|arch|subclavian|carotid|brachiocephalic|innominate|iliac)\b"
+    r"(?!\s+valve)"
+)
 _CORONARY = re.compile(r"\b(?:coronar(?:y|ies)|lad|rca|circumflex|left anterior descending)\b")
 
 
@@ -279,7 +286,11 @@ def _systemic_artery_context(sentence: str) -> bool:
     systemic = [v for v in vessels if not v.startswith(("coronary", "abdominal", "pulmonary"))]
     if systemic:
         # "coronary arteries" alone leaves a bare "arteries" only when no other vessel is named
-        if all(v.startswith(("arter",)) for v in systemic) and _CORONARY.search(sentence) and not re.search(r"\b(?:aort\w*|arch|subclavian|carotid|brachiocephalic|iliac)\b(?!\s+valve)", sentence):
+        if (
+            all(v.startswith(("arter",)) for v in systemic)
+            and _CORONARY.search(sentence)
+            and not re.search(r"\b(?:aort\w*|arch|subclavian|carotid|brachiocephalic|iliac)\b(?!\s+valve)", sentence)
+        ):
             return False
         return True
     return not vessels and not _CORONARY.search(sentence) and not re.search(r"\b(?:valve|pleura\w*|pericardi\w*)", sentence)
@@ -291,7 +302,8 @@ _SITES = [
     (re.compile(r"\bpericardi\w*"), "Pericardial effusion"),
     (re.compile(r"\b(?:pleura\w*|hemithora\w*|thora\w*|lungs?|costophrenic|fissur\w*)\b"), "Pleural effusion"),
     (re.compile(r"\b(?:abdom\w*|perirenal|perinephric|kidneys?|renal|spleen|splenic|liver|hepatic|perihepatic|subcapsular|pelvi\w*|"
-                r"joint|bursa|gallbladder|pericholecystic|peritone\w*|mesenter\w*|soft tissue|subcutaneous|mediastin\w*|esophag\w*|bronch\w*|trachea\w*|lumen)\b"), ""),
+                r"joint|bursa|gallbladder|pericholecystic|peritone\w*|mesenter\w*|soft tissue|subcutaneous|mediastin\w*|"
+                r"esophag\w*|bronch\w*|trachea\w*|lumen)\b"), ""),
 ]
 
 

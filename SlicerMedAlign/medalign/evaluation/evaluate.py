@@ -10,16 +10,16 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from medalign.data.cohorts import Case, load_cohort
 from medalign.core.errors import InputError
+from medalign.core.volume import Volume
+from medalign.data.cohorts import Case, load_cohort
 from medalign.evaluation.metrics import bootstrap_metrics, pointing_hit, voxel_auc
 from medalign.training.loop import resolve_labels
-from medalign.core.volume import Volume
 
 
 def mask_bit(mask: Volume, finding: str) -> np.ndarray | None:
@@ -92,7 +92,7 @@ def evaluate(
                 if lesion is not None and lesion.any():
                     loc[name].append(localization(fr.map, fr.hotspot.ras, mask, lesion, tol))
 
-    per_finding, rows = {}, []
+    per_finding = {}
     for fi, name in enumerate(names):
         known = labels[:, fi] >= 0
         y, p = labels[known, fi], probs[known, fi]
@@ -155,8 +155,10 @@ def _metrics_csv(per_finding: dict, macro: dict) -> str:
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
-    for name, e in list(per_finding.items()) + [("MACRO", {k: {"value": v} if k in ("auc", "acc", "f1", "precision") else v for k, v in macro.items()})]:
-        def val(k):
+    for name, e in list(per_finding.items()) + [
+        ("MACRO", {k: {"value": v} if k in ("auc", "acc", "f1", "precision") else v for k, v in macro.items()})
+    ]:
+        def val(k, e=e):
             v = e.get(k)
             return "" if v is None else (round(v["value"], 4) if isinstance(v, dict) else (round(v, 4) if isinstance(v, float) else v))
         auc = e.get("auc", {})

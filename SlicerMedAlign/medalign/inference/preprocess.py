@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from medalign.core.errors import InputError
-from medalign.models.profiles import PreprocessProfile
 from medalign.core.volume import Volume
+from medalign.models.profiles import PreprocessProfile
 
 __all__ = ["PreparedImage", "prepare", "grid_to_ras_points", "token_map_to_volume", "hu_to_model_value"]
 

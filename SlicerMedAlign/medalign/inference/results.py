@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -168,7 +169,7 @@ class ScreeningResult:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], map_of: "Callable[[dict], Volume | None] | None" = None) -> "ScreeningResult":
+    def from_dict(cls, data: dict[str, Any], map_of: Callable[[dict], Volume | None] | None = None) -> ScreeningResult:
         """Inverse of ``to_dict``; ``map_of(finding_dict)`` supplies each map (file, MRML node ...)."""
         findings = []
         for d in data["findings"]:
@@ -183,7 +184,7 @@ class ScreeningResult:
                    data.get("disclaimer", ""), list(data.get("warnings", [])))
 
     @classmethod
-    def read(cls, out_dir: str | Path, load_maps: bool = True) -> "ScreeningResult":
+    def read(cls, out_dir: str | Path, load_maps: bool = True) -> ScreeningResult:
         from medalign.core.errors import InputError
         from medalign.core.volume_io import read_volume
 

@@ -8,16 +8,16 @@ Slicer module and the console.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from medalign.core.errors import CancelledError
-from medalign.models.base import ScreeningModel
-from medalign.inference.results import FindingResult, Hotspot, ScreeningResult, is_near_chance
 from medalign.core.volume import Volume
+from medalign.inference.results import FindingResult, Hotspot, ScreeningResult, is_near_chance
+from medalign.models.base import ScreeningModel
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -149,9 +149,9 @@ class Screener:
         with_maps: bool = True,
         check: bool = True,
     ) -> ScreeningResult:
+        from medalign.core.device import run_with_fallback
         from medalign.inference.coverage import coverage_warnings
         from medalign.inference.input_checks import check_ct
-        from medalign.core.device import run_with_fallback
 
         report = progress or (lambda f, m: None)
         start = time.perf_counter()
@@ -197,8 +197,8 @@ class Screener:
         return feats, prepared, device
 
     def _score(self, feats, prepared, volume: Volume, device, step, with_maps: bool) -> list[FindingResult]:
-        from medalign.knowledge.findings import find
         from medalign.inference.preprocess import token_map_to_volume
+        from medalign.knowledge.findings import find
 
         thresholds, validation_auc = self.thresholds(), self.validation_auc()
         results = []

@@ -15,11 +15,11 @@ model family's templates alone.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
-
+from typing import Any
 
 from medalign.core.errors import MedAlignError
 from medalign.core.resources import resources_dir

@@ -23,19 +23,20 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medalign.core.errors import CheckpointError, InputError
-from medalign.models.checkpoint_keys import check_state_keys, key_list, shapes
-from medalign.models.profiles import BRGSA
 from medalign.models.bank import KnowledgeBank
 from medalign.models.base import ImageFeatures, ScreeningModel
+from medalign.models.checkpoint_keys import check_state_keys, key_list, shapes
+from medalign.models.profiles import BRGSA
 from medalign.models.vit3d import ViT3D, ViT3DConfig
 
 PREFIX = "gloria."
@@ -90,7 +91,7 @@ class BrgSAConfig:
     logit_scale: float = 10.0  # temp3 of BrgSA's contrastive loss
 
     @classmethod
-    def published(cls) -> "BrgSAConfig":
+    def published(cls) -> BrgSAConfig:
         """The configuration of the released BrgSA model (358 checkpoint keys)."""
         return cls(
             vit=ViT3DConfig(),

@@ -3,7 +3,7 @@ for shape, or the user gets one sentence naming what is missing, extra or mis-sh
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from medalign.core.errors import CheckpointError
 

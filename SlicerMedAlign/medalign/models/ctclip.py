@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medalign.core.errors import CheckpointError, InputError
+from medalign.models.base import ImageFeatures, ScreeningModel
 from medalign.models.checkpoint_keys import check_state_keys, shapes
+from medalign.models.ctvit import CTViT, CTViTConfig
 from medalign.models.profiles import CTCLIP as CTCLIP_PROFILE
 from medalign.models.profiles import PreprocessProfile
-from medalign.models.base import ImageFeatures, ScreeningModel
-from medalign.models.ctvit import CTViT, CTViTConfig
 
 TEXT_PREFIX = "text_transformer."
 VISUAL_PREFIX = "visual_transformer."
@@ -69,7 +69,7 @@ class CTCLIPConfig:
         return self.token_hw[0] * self.token_hw[1] * self.vision.dim
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "CTCLIPConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> CTCLIPConfig:
         vision = CTViTConfig.from_state_dict(sd, VISUAL_PREFIX)
         for key in ("to_visual_latent.weight", "to_text_latent.weight", "temperature"):
             if key not in sd:
@@ -78,7 +78,8 @@ class CTCLIPConfig:
         side = math.isqrt(dim_image // vision.dim) if dim_image % vision.dim == 0 else 0
         if side == 0 or side * side * vision.dim != dim_image:
             raise CheckpointError(
-                f"The CT-CLIP checkpoint's to_visual_latent takes {dim_image} inputs, which is not a square token grid of {vision.dim}-d tokens."
+                f"The CT-CLIP checkpoint's to_visual_latent takes {dim_image} inputs, "
+                f"which is not a square token grid of {vision.dim}-d tokens."
             )
         return cls(vision=vision, token_hw=(side, side), dim_latent=dim_latent, dim_text=sd["to_text_latent.weight"].shape[1])
 
@@ -127,7 +128,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             f"CT-CLIP weights file {path.name} holds more than plain tensors and is refused for safety ({_first_line(err)})."
         ) from None
     except Exception as err:  # truncated zip, bad header, I/O error ...
-        raise CheckpointError(f"CT-CLIP weights file {path.name} could not be read, it may be truncated or corrupt ({_first_line(err)}).") from None
+        raise CheckpointError(
+            f"CT-CLIP weights file {path.name} could not be read, it may be truncated or corrupt ({_first_line(err)})."
+        ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
@@ -175,7 +178,8 @@ def bert_config_for(folder: str | Path, sd: dict[str, torch.Tensor], has_text: b
         cfg.num_hidden_layers = len(layers)
         if cfg.hidden_size % cfg.num_attention_heads:
             raise CheckpointError(
-                f"The text encoder config in {folder} has {cfg.num_attention_heads} heads, which does not divide the checkpoint's width {cfg.hidden_size}."
+                f"The text encoder config in {folder} has {cfg.num_attention_heads} heads, "
+                f"which does not divide the checkpoint's width {cfg.hidden_size}."
             )
     cfg._attn_implementation = "eager"  # what the parity fixtures were made with
     return cfg
@@ -235,7 +239,7 @@ class CTCLIPModel(ScreeningModel):
         text_encoder: str | Path | None,
         device: str | torch.device = "cpu",
         source: str = "checkpoint",
-    ) -> "CTCLIPModel":
+    ) -> CTCLIPModel:
         """Build the model whose sizes the state dict implies and load it strictly (see module docstring).
 
         ``text_encoder`` is a folder with a BERT ``config.json`` (and normally the
@@ -263,7 +267,8 @@ class CTCLIPModel(ScreeningModel):
                 raise CheckpointError(f"The text encoder weights in {folder} could not be loaded ({_first_line(err)}).") from None
         if bert.config.hidden_size != config.dim_text:
             raise CheckpointError(
-                f"The text encoder in {folder} is {bert.config.hidden_size} wide but the CT-CLIP checkpoint projects {config.dim_text}-d text."
+                f"The text encoder in {folder} is {bert.config.hidden_size} wide "
+                f"but the CT-CLIP checkpoint projects {config.dim_text}-d text."
             )
         tokenizer = _load_tokenizer(folder)
         if tokenizer is not None and len(tokenizer) > bert.config.vocab_size:
@@ -294,7 +299,9 @@ class CTCLIPModel(ScreeningModel):
         ``padding="longest"`` gives the same latents far faster (``"max_length"`` replicates).
         """
         if self.tokenizer is None:
-            raise CheckpointError("The CT-CLIP text encoder folder has no tokenizer (vocab.txt or tokenizer.json), so prompts cannot be tokenised.")
+            raise CheckpointError(
+                "The CT-CLIP text encoder folder has no tokenizer (vocab.txt or tokenizer.json), so prompts cannot be tokenised."
+            )
         enc = self.tokenizer(
             list(texts), return_tensors="pt", padding=padding, truncation=True, max_length=self.text_max_length
         )

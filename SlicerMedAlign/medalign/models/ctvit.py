@@ -64,7 +64,7 @@ class CTViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "visual_transformer.") -> "CTViTConfig":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "visual_transformer.") -> CTViTConfig:
         """Read the encoder's sizes from tensor shapes, so any CTViT configuration loads.
 
         Channels are taken as 1 (CT).  The spatial patch size comes from the first-frame
@@ -100,7 +100,8 @@ class CTViTConfig:
         p = math.isqrt(frame_dim) if frame_dim else 0
         if not frame_dim or p * p != frame_dim or patch_dim % frame_dim:
             raise CheckpointError(
-                f"Cannot tell the CTViT patch size from the checkpoint (patch embedding takes {patch_dim} voxels; first-frame branch {frame_dim})."
+                "Cannot tell the CTViT patch size from the checkpoint "
+                f"(patch embedding takes {patch_dim} voxels; first-frame branch {frame_dim})."
             )
 
         def depth(name: str) -> int:

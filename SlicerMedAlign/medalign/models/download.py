@@ -50,7 +50,7 @@ def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
     )
 
 
-def _finish(part: Path, dest: Path, digest: "hashlib._Hash", sha256: str | None, url: str) -> Path:
+def _finish(part: Path, dest: Path, digest: hashlib._Hash, sha256: str | None, url: str) -> Path:
     """Check the hash of the completed part and publish it under its final name."""
     if sha256 is not None:
         actual = digest.hexdigest()
@@ -81,7 +81,7 @@ def _copy_file_url(url: str, dest: Path, part: Path, sha256: str | None, progres
     return _finish(part, dest, digest, sha256, url)
 
 
-def _hash_existing(part: Path) -> "hashlib._Hash":
+def _hash_existing(part: Path) -> hashlib._Hash:
     digest = hashlib.sha256()
     with open(part, "rb") as handle:
         while block := handle.read(_CHUNK):

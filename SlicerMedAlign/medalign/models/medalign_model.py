@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from medalign.core.errors import CheckpointError
-from medalign.models.profiles import DEMO, PreprocessProfile
 from medalign.models.bank import KnowledgeBank
-from medalign.models.checkpoint_keys import check_state_keys, shapes
 from medalign.models.base import ImageFeatures, ScreeningModel
+from medalign.models.checkpoint_keys import check_state_keys, shapes
+from medalign.models.profiles import DEMO, PreprocessProfile
 from medalign.models.vit3d import ViT3D, ViT3DConfig
 
 FORMAT = "medalign-v1"
@@ -75,7 +75,7 @@ class MedAlignConfig:
         return json.dumps(d)
 
     @classmethod
-    def from_json(cls, text: str) -> "MedAlignConfig":
+    def from_json(cls, text: str) -> MedAlignConfig:
         d = json.loads(text)
         d["vit"] = ViT3DConfig.from_dict(d["vit"])
         d["profile"] = PreprocessProfile.from_dict(d["profile"])
@@ -226,7 +226,7 @@ def read_checkpoint(path: str | Path, tensors: bool = True) -> tuple[MedAlignCon
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            weights = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+            weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict) if tensors else {}
     except Exception as exc:  # safetensors raises several types for corrupt/truncated files
         raise CheckpointError(f"{path.name} is not a readable safetensors checkpoint (corrupt or truncated): {exc}.") from None
     if meta.get("format") != FORMAT:

@@ -6,7 +6,7 @@ model's input tensor with it and remembers the model-grid -> RAS mapping.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class PreprocessProfile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PreprocessProfile":
+    def from_dict(cls, data: dict) -> PreprocessProfile:
         fields = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         if "channels" in fields:
             fields["channels"] = tuple((str(c[0]), float(c[1]), float(c[2])) for c in fields["channels"])

@@ -10,6 +10,7 @@ in ``cache_dir()/verified.json`` so a 700 MB checkpoint is hashed once, not on e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -332,10 +333,8 @@ def _remember_sha(path: Path, sha: str) -> None:
     size, mtime_ns = _stat_key(path)
     memo = _load_verified()
     memo[str(path)] = {"size": size, "mtime_ns": mtime_ns, "sha256": sha}
-    try:
+    with contextlib.suppress(OSError):  # read-only cache: verification still happened, only the memo is lost
         _atomic_write_json(_verified_path(), memo)
-    except OSError:
-        pass  # read-only cache: verification still happened, only the memo is lost
 
 
 def _file_sha(path: Path, use_memo: bool = True) -> str:

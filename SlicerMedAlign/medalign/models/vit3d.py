@@ -6,7 +6,7 @@ same module loads BrgSA checkpoints and serves as the demo model's image encoder
 
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ class ViT3DConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViT3DConfig":
+    def from_dict(cls, d: dict) -> ViT3DConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 

@@ -81,7 +81,9 @@ class Grid:
         return bool(np.all(p >= lo) and np.all(p <= hi))
 
 
-def capsule(grid: Grid, p0: np.ndarray, p1: np.ndarray, r0: float, r1: float, pad: float = 0.0) -> tuple[Slices, np.ndarray, np.ndarray] | None:
+def capsule(
+    grid: Grid, p0: np.ndarray, p1: np.ndarray, r0: float, r1: float, pad: float = 0.0
+) -> tuple[Slices, np.ndarray, np.ndarray] | None:
     """Distance to a tapered segment inside its bounding box: (slices, dist, radius).
 
     Tubes (aorta, bronchi, catheters, leads) are chains of these; callers threshold
@@ -106,7 +108,9 @@ def capsule(grid: Grid, p0: np.ndarray, p1: np.ndarray, r0: float, r1: float, pa
     return sl, dist, radius
 
 
-def ellipsoid(grid: Grid, center: np.ndarray, semi: np.ndarray, rot: np.ndarray | None = None, scale: float = 1.0) -> tuple[Slices, np.ndarray] | None:
+def ellipsoid(
+    grid: Grid, center: np.ndarray, semi: np.ndarray, rot: np.ndarray | None = None, scale: float = 1.0
+) -> tuple[Slices, np.ndarray] | None:
     """Normalised level ``sum((R (p - c) / semi)^2)`` in the box of the ellipsoid scaled by ``scale``.
 
     ``level < 1`` is inside; ``level < s^2`` is the ellipsoid grown by ``s`` (shells for
@@ -656,7 +660,7 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
         paint(hu, sl, dist < rad, blood)
     for (sl, dist, rad), val in tube_caps:
         paint(hu, sl, dist < rad, val)
-    for (sl, dist, rad), _ in tube_caps[-2:]:  # a little air in the oesophageal lumen
+    for (sl, dist, _rad), _ in tube_caps[-2:]:  # a little air in the oesophageal lumen
         paint(hu, sl, dist < 1.6, -600.0)
     for (sl, dist, rad), wall_ in airway_caps:
         paint(hu, sl, dist < rad + wall_, 50.0)
@@ -686,7 +690,7 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
 
     # segmental bronchi alongside the first arterial generations (thin walls, air lumen)
     bronchi = []
-    for side, art, _veins, bro in trees:
+    for _side, art, _veins, bro in trees:
         bronchi += bronchi_along(art, max_gen=4, start=bro)
     p["bronchi"] = bronchi
     draw_bronchi(grid, hu, bronchi, lung, wall_mm=1.0, lumen_scale=1.0)

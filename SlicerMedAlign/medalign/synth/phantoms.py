@@ -18,34 +18,35 @@ import json
 import os
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from medalign.core.errors import InputError, MedAlignError
-from medalign.knowledge.findings import CT_RATE_FINDINGS, load_knowledge
 from medalign.core.parallel import ordered_map
+from medalign.core.volume import Volume
+from medalign.knowledge.findings import CT_RATE_FINDINGS, load_knowledge
 from medalign.synth.anatomy import (
     HU_AIR,
     HU_FAT,
     Anatomy,
-    anterior_skin_v,
     Branch,
+    anterior_skin_v,
+    blur3,
+    bronchi_along,
     build_anatomy,
+    cage_profile,
     capsule,
+    cavity_level,
     draw_bronchi,
     ellipsoid,
     heart_level,
-    cavity_level,
-    cage_profile,
-    blur3,
-    bronchi_along,
     paint,
     sample_geometry,
 )
-from medalign.core.volume import Volume
 
 GENERATOR_VERSION = "1.3"  # 1.1: dense bone, contrast inflow, ECG leads, emphysema by lung fraction; 1.2: nodes in fat;
 # 1.3: one random stream per painter and one for the scanner stage (counterfactual twins)
@@ -237,7 +238,8 @@ def _atelectasis(c: _Ctx) -> dict[str, Any]:
         paint(c.hu, sl, m, float(rng.uniform(-80.0, 30.0)))
         c.mark("Atelectasis", sl, m, block=True)
     c.force("Atelectasis", pc, 0.0)
-    return {"kind": kind, "center_ras": c.ras(pc), "length_mm": round(2 * length, 1), "thickness_mm": round(thick, 1), "lobe": anat.lobe(pc)}
+    return {"kind": kind, "center_ras": c.ras(pc), "length_mm": round(2 * length, 1), "thickness_mm": round(thick, 1),
+            "lobe": anat.lobe(pc)}
 
 
 def _cos_noise(rng: np.random.Generator, z: np.ndarray, y: np.ndarray, x: np.ndarray, wl: tuple[float, float], n: int = 3) -> np.ndarray:
@@ -1120,7 +1122,8 @@ def _positive(rng: np.random.Generator, name: str, f: dict[str, Any], kb: dict) 
                            f"There is dependent atelectasis in the {f['lobe']}."])
     if name == "Consolidation":
         return _pick(rng, [
-            f"An area of consolidation containing air bronchograms is observed in the {f['lobe']}, measuring about {f['size_mm'] / 10:.1f} cm.",
+            f"An area of consolidation containing air bronchograms is observed in the {f['lobe']}, "
+            f"measuring about {f['size_mm'] / 10:.1f} cm.",
             f"Consolidation with air bronchograms is seen in the {f['lobe']}.",
             f"There is {t()} in the {f['lobe']} with air bronchograms.",
         ])
@@ -1156,7 +1159,8 @@ def _positive(rng: np.random.Generator, name: str, f: dict[str, Any], kb: dict) 
     if name == "Bronchiectasis":
         return _pick(rng, [f"{f['kind'].capitalize()} bronchiectasis is observed in the {f['lobe']}.",
                            f"Bronchiectatic changes with bronchial wall thickening are seen in the {f['lobe']}.",
-                           f"There is {f['kind']} bronchiectasis in the {f['lobe']}, the bronchi being wider than the accompanying arteries."])
+                           f"There is {f['kind']} bronchiectasis in the {f['lobe']}, "
+                           "the bronchi being wider than the accompanying arteries."])
     if name == "Peribronchial thickening":
         side = "both lungs" if len(f["sides"]) > 1 else f"the {f['sides'][0]} lung"
         return _pick(rng, [f"Peribronchial thickening is observed in {side}.",
@@ -1174,7 +1178,7 @@ def _positive(rng: np.random.Generator, name: str, f: dict[str, Any], kb: dict) 
     if name == "Hiatal hernia":
         return _pick(rng, [f"A hiatal hernia measuring about {f['size_mm']:.0f} mm is observed.",
                            f"There is a {t(1)} above the diaphragm, posterior to the heart.",
-                           f"A sliding hiatal hernia is seen at the level of the oesophageal hiatus."])
+                           "A sliding hiatal hernia is seen at the level of the oesophageal hiatus."])
     if name == "Arterial wall calcification":
         where = " and ".join(f["segments"])
         return _pick(rng, [f"Atherosclerotic calcified plaques are observed in the wall of the {where}.",
@@ -1184,11 +1188,12 @@ def _positive(rng: np.random.Generator, name: str, f: dict[str, Any], kb: dict) 
         where = ", ".join(f["vessels"])
         return _pick(rng, [f"Calcified plaques are observed in the coronary arteries ({where}).",
                            f"Coronary artery calcification is seen along the {where} course.",
-                           f"There are calcific plaques in the coronary artery walls."])
+                           "There are calcific plaques in the coronary artery walls."])
     if name == "Medical material":
         k = f["kind"]
         return {
-            "pacemaker": _pick(rng, ["A cardiac pacemaker is observed in the " + f["where"] + ", with leads extending to the right heart chambers.",
+            "pacemaker": _pick(rng, ["A cardiac pacemaker is observed in the " + f["where"]
+                                     + ", with leads extending to the right heart chambers.",
                                      "Pacemaker generator in the " + f["where"] + " and its leads are seen."]),
             "port catheter": _pick(rng, ["A port catheter is observed in the " + f["where"] + ", its tip in the superior vena cava.",
                                          "A central venous port catheter extending to the superior vena cava is seen."]),
@@ -1222,17 +1227,20 @@ def _negation(rng: np.random.Generator, name: str, kb: dict) -> str:
 _SECTIONS: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
     ((), ("Trachea and both main bronchi are open.", "Trachea, both main bronchi are open.", "The trachea and main bronchi are patent.")),
     (("Cardiomegaly", "Arterial wall calcification", "Coronary artery wall calcification"),
-     ("Mediastinal main vascular structures, heart contour and size are normal.", "Heart contour and size are normal. Thoracic aorta diameter is normal.")),
+     ("Mediastinal main vascular structures, heart contour and size are normal.",
+      "Heart contour and size are normal. Thoracic aorta diameter is normal.")),
     (("Pericardial effusion",), ()),
     (("Hiatal hernia",), ("Thoracic oesophageal calibration is normal.",)),
-    (("Lymphadenopathy",), ("No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary pathological dimensions were detected.",)),
+    (("Lymphadenopathy",), ("No enlarged lymph nodes in prevascular, pre-paratracheal, subcarinal or bilateral hilar-axillary "
+                            "pathological dimensions were detected.",)),
     (("Medical material",), ()),
-    (("Emphysema", "Lung nodule", "Lung opacity", "Consolidation", "Atelectasis", "Pulmonary fibrotic sequela", "Mosaic attenuation pattern",
-      "Interlobular septal thickening", "Bronchiectasis", "Peribronchial thickening"),
+    (("Emphysema", "Lung nodule", "Lung opacity", "Consolidation", "Atelectasis", "Pulmonary fibrotic sequela",
+      "Mosaic attenuation pattern", "Interlobular septal thickening", "Bronchiectasis", "Peribronchial thickening"),
      ("When examined in the lung parenchyma window, aeration of both lungs is normal and no nodular or infiltrative lesion is detected.",
       "Both lungs are normally aerated.")),
     (("Pleural effusion",), ("Pleural effusion-thickening was not detected.",)),
-    ((), ("Upper abdominal organs included in the sections are normal.", "No space-occupying lesion was detected in the liver that entered the cross-sectional area.")),
+    ((), ("Upper abdominal organs included in the sections are normal.",
+          "No space-occupying lesion was detected in the liver that entered the cross-sectional area.")),
     ((), ("Bone structures in the study area are natural. Vertebral corpus heights are preserved.", "Bony structures are unremarkable.")),
 ]
 

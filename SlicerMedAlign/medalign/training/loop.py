@@ -29,11 +29,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from medalign.data.cohorts import Case, load_cohort
 from medalign.core.errors import InputError
+from medalign.core.parallel import default_workers
+from medalign.data.cohorts import Case, load_cohort
 from medalign.models.base import ImageFeatures
 from medalign.models.medalign_model import MedAlignConfig, MedAlignModel, build_text_encoder, save_checkpoint
-from medalign.core.parallel import default_workers
 
 # Training wording: disjoint from the inference templates (models.medalign_model.PROMPT_TEMPLATES)
 # and from the knowledge base's negation templates, so evaluation measures unseen wordings.
@@ -596,8 +596,8 @@ def calibrate(checkpoint: Path, val_data: Path, device: str = "auto") -> dict[st
     Returns {finding: {"threshold": t, "auc": a}}."""
     from medalign.core.volume_io import read_volume
     from medalign.evaluation.metrics import point_metrics
-    from medalign.models.medalign_model import load_checkpoint, read_checkpoint, save_checkpoint
     from medalign.inference.screener import Screener
+    from medalign.models.medalign_model import load_checkpoint, read_checkpoint, save_checkpoint
 
     model = load_checkpoint(checkpoint, device="cpu")
     cases = [c for c in load_cohort(val_data) if c.labels is not None or c.report]

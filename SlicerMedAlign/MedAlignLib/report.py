@@ -113,7 +113,7 @@ def report_csv(report: dict[str, Any]) -> str:
 
 def export_report(result: ScreeningResult, out_dir: str | Path) -> Path:
     """Write results.json/csv, maps/*.nii.gz, report.json and report.csv into ``out_dir``."""
-    from medalign.core.volume_io import atomic_write_text
+    from medalign.core.atomic import write_text as atomic_write_text
 
     out = Path(out_dir)
     result.write(out)

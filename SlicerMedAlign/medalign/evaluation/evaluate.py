@@ -67,7 +67,8 @@ def evaluate(
     """Screen every case of ``data`` with ``model`` (name or model object) and write metrics to ``out``."""
     from tqdm import tqdm
 
-    from medalign.core.volume_io import atomic_output, atomic_write_text, read_volume
+    from medalign.core.atomic import atomic_output, write_text
+    from medalign.core.volume_io import read_volume
     from medalign.inference.screener import Screener
 
     cases = [c for c in load_cohort(data) if c.labels is not None or c.report]
@@ -113,9 +114,9 @@ def evaluate(
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float) + "\n")
-    atomic_write_text(out / "metrics.csv", _metrics_csv(per_finding, macro))
-    atomic_write_text(out / "predictions.csv", _predictions_csv(cases, names, probs, labels))
+    write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float) + "\n")
+    write_text(out / "metrics.csv", _metrics_csv(per_finding, macro))
+    write_text(out / "predictions.csv", _predictions_csv(cases, names, probs, labels))
     with atomic_output(out / "roc.png") as tmp:
         _plot_roc(names, labels, probs, tmp)
     return summary

@@ -7,28 +7,10 @@ import json
 
 import numpy as np
 import pytest
-from helpers import synthetic_ct, tiny_checkpoint
+from helpers import synthetic_ct
 
 from medalign.cli import main
 from medalign.core.volume_io import write_volume
-from medalign.models.download import sha256_file
-
-
-@pytest.fixture()
-def tiny_model(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("MEDALIGN_OFFLINE", "1")
-    ckpt = tiny_checkpoint(tmp_path / "tiny.safetensors")
-    assert main(["models", "add", "tiny", "--weights", str(ckpt), "--sha256", sha256_file(ckpt)]) == 0
-    from medalign.inference import screener as screening
-
-    screening._MODEL_CACHE.clear()
-    return "tiny"
-
-
-@pytest.fixture()
-def ct_file(tmp_path):
-    return write_volume(synthetic_ct(), tmp_path / "ct.nii.gz")
 
 
 def test_screen_writes_results_and_maps(tiny_model, ct_file, tmp_path, capsys):
@@ -87,8 +69,8 @@ def test_batch_folder_resumes_and_reports_failures(tiny_model, tmp_path):
     rc = main(["batch", str(src), "--out", str(out), "--model", tiny_model, "--findings", "Lung nodule", "--no-maps"])
     assert rc == 2  # one case failed, the others were screened
     rows = {r["id"]: r for r in csv.DictReader((out / "summary.csv").open())}
-    assert rows["a"]["status"] == "ok" and rows["b"]["status"] == "ok" and rows["c"]["status"] == "failed"
+    assert rows["a"]["status"] == "screened" and rows["b"]["status"] == "screened" and rows["c"]["status"] == "failed"
     assert (out / "a" / "results.json").is_file()
     main(["batch", str(src), "--out", str(out), "--model", tiny_model, "--findings", "Lung nodule", "--no-maps"])
     rows = {r["id"]: r for r in csv.DictReader((out / "summary.csv").open())}
-    assert rows["a"]["status"] == "done earlier"
+    assert rows["a"]["status"] == "skipped"

@@ -93,3 +93,16 @@ def test_case_ids_cannot_write_outside_out(tiny_model, tmp_path):
     for r in rows.values():
         folder = (out / r["folder"]).resolve()
         assert folder.parent == out.resolve() and (folder / "results.json").is_file()
+
+
+def test_folder_ids_keep_uid_dots_and_cut_only_volume_suffixes(tmp_path):
+    """DICOM folders named by UIDs all became case '1' (the name was cut at the first dot)."""
+    from medalign.inference.cohort import list_cases
+
+    for name in ("1.2.826.0.1.3680043", "1.2.826.0.1.3680044"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "slice0001.dcm").write_bytes(b"")
+    for name in ("a.b.nii.gz", "c.NRRD", "d.mhd", "notes.txt", ".hidden.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    ids = [c.case_id for c in list_cases(tmp_path)]
+    assert ids == ["1.2.826.0.1.3680043", "1.2.826.0.1.3680044", "a.b", "c", "d"]

@@ -57,10 +57,8 @@ def _definition(finding: FindingResult) -> str:
     return entry.definition if entry is not None else ""
 
 
-def finding_report(finding: FindingResult) -> dict[str, Any]:
-    """One finding's report entry (JSON-able)."""
-    from medalign.inference.results import MAPS_DIR, slug
-
+def finding_report(finding: FindingResult, map_file: str | None = None) -> dict[str, Any]:
+    """One finding's report entry (JSON-able); ``map_file`` from ``ScreeningResult.map_files``."""
     evidence: dict[str, Any] | None = None
     if finding.hotspot is not None:
         h = finding.hotspot
@@ -69,7 +67,7 @@ def finding_report(finding: FindingResult) -> dict[str, Any]:
             "location": describe_location(h.ras, finding.map.ras_bounds()) if finding.map is not None else None,
             "peak_value": round(float(h.value), 6),
             "extent_mm3": round(float(h.extent_mm3), 1),
-            "map": f"{MAPS_DIR}/{slug(finding.name)}.nii.gz" if finding.map is not None else None,
+            "map": map_file if finding.map is not None else None,
         }
     return {
         "finding": finding.name,
@@ -89,7 +87,7 @@ def report_dict(result: ScreeningResult) -> dict[str, Any]:
         "disclaimer": result.disclaimer,
         "warnings": list(result.warnings),
         "input": result.input,
-        "findings": [finding_report(f) for f in result.ranked()],
+        "findings": [finding_report(f, result.map_files().get(f.name)) for f in result.ranked()],
     }
 
 
@@ -113,7 +111,7 @@ def report_csv(report: dict[str, Any]) -> str:
 
 def export_report(result: ScreeningResult, out_dir: str | Path) -> Path:
     """Write results.json/csv, maps/*.nii.gz, report.json and report.csv into ``out_dir``."""
-    from medalign.core.volume_io import atomic_write_text
+    from medalign.core.atomic import write_text as atomic_write_text
 
     out = Path(out_dir)
     result.write(out)

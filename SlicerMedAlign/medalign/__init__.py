@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "screen": "medalign.inference.screener",
     "Screener": "medalign.inference.screener",
+    "screen_cohort": "medalign.inference.cohort",
     "ScreeningResult": "medalign.inference.results",
     "read_volume": "medalign.core.volume_io",
     "write_volume": "medalign.core.volume_io",

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from medalign.core.atomic import atomic_output
+from medalign.core.atomic import write_text as atomic_write_text
 from medalign.core.errors import InputError, MedAlignError
 from medalign.core.volume import Volume
-from medalign.core.volume_io import atomic_output, atomic_write_text, read_volume, write_volume
+from medalign.core.volume_io import read_volume, write_volume
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 

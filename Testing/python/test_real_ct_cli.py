@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-from test_cli import tiny_model  # noqa: F401  (fixture: a registered tiny checkpoint)
 
 from medalign.cli import main
 from medalign.core.volume_io import read_volume
@@ -15,7 +14,7 @@ REAL = ["abdomen_ct_3mm.nii.gz", "abdomen_ct_dicom", "chest_ct_lung_mass.nii.gz"
 
 
 @pytest.mark.parametrize("name", REAL)
-def test_screen_real_ct_maps_inside_input(real_ct, tiny_model, tmp_path, name):  # noqa: F811
+def test_screen_real_ct_maps_inside_input(real_ct, tiny_model, tmp_path, name):
     out = tmp_path / "out"
     assert main(["screen", str(real_ct / name), "--out", str(out), "--model", tiny_model,
                  "--findings", "Lung nodule;Pleural effusion;Lung mass"]) == 0
@@ -30,7 +29,7 @@ def test_screen_real_ct_maps_inside_input(real_ct, tiny_model, tmp_path, name): 
         assert np.all(np.asarray(f["hotspot"]["ras"]) >= lo - tol) and np.all(np.asarray(f["hotspot"]["ras"]) <= hi + tol)
 
 
-def test_mr_is_refused_with_one_sentence_and_nothing_written(real_ct, tiny_model, tmp_path, capsys):  # noqa: F811
+def test_mr_is_refused_with_one_sentence_and_nothing_written(real_ct, tiny_model, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["screen", str(real_ct / "mr_not_ct.nii.gz"), "--out", str(out), "--model", tiny_model]) == 2
     last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]

@@ -188,6 +188,22 @@ def test_eval_writes_metrics_roc_and_localization(tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["cases"] == 6
 
 
+def test_eval_shows_bootstrap_progress_and_checks_out_first(tmp_path, capsys):
+    """The bootstrap ran silently for minutes after the screening bar reached 100%; a bad
+    --out failed only after the whole cohort was screened."""
+    from medalign.core.errors import OutputError
+    from medalign.evaluation.evaluate import evaluate
+    from medalign.models.medalign_model import tiny_test_model
+
+    data = _cohort(tmp_path / "cohort", n=4)
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(OutputError, match="existing file"):
+        evaluate(data, tmp_path / "taken", model=tiny_test_model(), findings=["Lung nodule"], device="cpu")
+    assert "evaluating" not in capsys.readouterr().err  # refused before screening a case
+    evaluate(data, tmp_path / "eval", model=tiny_test_model(), findings=["Lung nodule"], device="cpu", n_boot=20)
+    assert "bootstrap (20 resamples)" in capsys.readouterr().err
+
+
 def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
     from sklearn.metrics import roc_auc_score
 

@@ -4,6 +4,7 @@ Each sub-command module offers ``register(subparsers)`` and sets ``func`` to a
 ``run(args) -> int``.
 
 A ``MedAlignError`` becomes one line on stderr and exit code 2; nothing else is printed.
+A reader that closes the pipe early (``| head``) ends the command quietly (exit 141).
 """
 
 from __future__ import annotations
@@ -53,7 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             from medalign.core.device import configure_cpu_threads
 
             configure_cpu_threads()  # the CPU thread count follows the machine (or MEDALIGN_THREADS)
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        return _reader_went_away()
     except MedAlignError as exc:
         print(f"medalign: error: {exc}", file=sys.stderr)
         return 2
@@ -61,3 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         print("medalign: cancelled", file=sys.stderr)
         return 130
 
+
+
+def _reader_went_away() -> int:
+    """``medalign models show X | head``: the reader closed the pipe. Point stdout at
+    /dev/null so Python's final flush cannot print a BrokenPipeError, and exit as a
+    SIGPIPE-killed process would (128 + 13), the shell convention."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 141

@@ -5,22 +5,35 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medalign.cli.options import FINDINGS_HELP
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate a model on a labelled cohort (AUC, ACC, weighted F1, precision, localization)",
-        description="Per-finding AUC with bootstrap 95%% intervals, ACC / weighted F1 / precision at the ROC point "
+        description="Per-finding AUC with bootstrap 95% intervals, ACC / weighted F1 / precision at the ROC point "
         "nearest (0, 1), ROC curves, and pointing game + voxel AUC where lesion masks exist.",
     )
     p.add_argument("--data", required=True, type=Path, help="cohort folder (volumes/, labels.csv or reports.csv, optional masks/)")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--model", default=None, help="registry model name (default: medalign-demo)")
     p.add_argument("--weights", default=None, type=Path, help="evaluate this checkpoint instead of a registry entry")
-    p.add_argument("--findings", default=None, help='"A;B;..." (default: the labelled CT-RATE findings)')
+    p.add_argument("--findings", default=None, help=FINDINGS_HELP + " (default: the labelled CT-RATE findings)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--bootstrap", type=_resamples, default=1000, metavar="N",
+                   help="bootstrap resamples for the 95%% intervals (default 1000; 0: no intervals, fastest)")
     p.set_defaults(func=run)
+
+
+def _resamples(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of resamples (0 or more)")
+    return n
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medalign.cli.options import FINDINGS_HELP
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -23,37 +25,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-column", default="report_text", help="column holding the report text (default: report_text)")
     p.add_argument("--id-column", default=None,
                    help="column copied to the output as the case id (default: VolumeName or AccessionNo, if present)")
-    p.add_argument(
-        "--findings",
-        default="ct-rate",
-        help="'ct-rate' (18, default), 'ct-rate-lt' (15), 'all', or a comma-separated list of finding names",
-    )
+    p.add_argument("--findings", default="ct-rate",
+                   help=FINDINGS_HELP.replace('"A;B;..." finding names or free text', '"A;B;..." knowledge-base finding names')
+                   + ' ("," also separates names here, as before)')
     p.set_defaults(func=run)
 
 
 def _findings(spec: str) -> list[str]:
+    """The --findings list through the shared parser; the labeller needs known findings."""
     from medalign.core.errors import InputError
-    from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS, find, load_knowledge
+    from medalign.knowledge.findings import find, load_knowledge, parse_findings
 
-    key = spec.strip().lower()
-    if key == "ct-rate":
-        return list(CT_RATE_FINDINGS)
-    if key == "ct-rate-lt":
-        return list(CT_RATE_LT_FINDINGS)
-    if key == "all":
-        return list(CT_RATE_FINDINGS) + list(CT_RATE_LT_FINDINGS)
     kb = load_knowledge()
     names: list[str] = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
+    for part in parse_findings(spec, separators=";,"):
         item = find(part, kb)
         if item is None:
             raise InputError(f"Unknown finding {part!r}: the labeller needs a finding from the knowledge base.")
         if item.name not in names:
             names.append(item.name)
-    if not names:
-        raise InputError("--findings named no finding.")
     return names
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from medalign.cli.options import FINDINGS_HELP
 from medalign.core.progress import ProgressReporter
 
 
@@ -17,9 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "results.json, results.csv and one alignment map per finding under --out.",
     )
     p.add_argument("input", nargs="?", help="CT file or DICOM folder (omit with --sample)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (created; locked while the run writes)")
     p.add_argument("--model", default=None, help="registry model name (default: medalign-demo)")
-    p.add_argument("--findings", default=None, help='"A;B;..." finding names or free text; "ct-rate-lt" adds the 15 rare ones')
+    p.add_argument("--findings", default=None, help=FINDINGS_HELP)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
@@ -45,29 +46,11 @@ def _sample_volume(out: Path):
 
 
 def run(args: argparse.Namespace) -> int:
-    from medalign.core.errors import InputError
-    from medalign.core.volume_io import read_volume
-    from medalign.inference.screener import screen
+    from medalign.core.output_folder import claim
 
-    out = Path(args.out)
-    if args.sample:
-        out.mkdir(parents=True, exist_ok=True)
-        volume, source = _sample_volume(out)
-    elif args.input:
-        volume, source = read_volume(args.input), Path(args.input)
-    else:
-        raise InputError("Give a CT file or DICOM folder to screen, or --sample to try a generated chest CT.")
-    with ProgressReporter("screening", machine=args.progress_lines) as progress:
-        result = screen(
-            volume,
-            findings=args.findings,
-            model=args.model,
-            device=args.device,
-            precision=args.precision,
-            progress=progress,
-            with_maps=not args.no_maps,
-        )
-    result.write(out)
+    with claim(args.out) as out:  # a file, read-only folder or /proc fails here, before any work
+        result, source = _screen(args, out)
+        result.write(out)
     if not args.progress_lines:
         print_table(result, sys.stdout)
         print(f"\nWrote {out / 'results.json'}, {out / 'results.csv'}" + ("" if args.no_maps else f" and {out / 'maps'}/"))
@@ -78,17 +61,41 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _screen(args: argparse.Namespace, out: Path):
+    from medalign.core.errors import InputError
+    from medalign.core.volume_io import read_volume
+    from medalign.inference.cohort import run_settings
+    from medalign.inference.screener import Screener
+
+    if args.sample:
+        volume, source = _sample_volume(out)
+    elif args.input:
+        volume, source = read_volume(args.input), Path(args.input)
+    else:
+        raise InputError("Give a CT file or DICOM folder to screen, or --sample to try a generated chest CT.")
+    screener = Screener(model=args.model, findings=args.findings, device=args.device, precision=args.precision)
+    with ProgressReporter("screening", machine=args.progress_lines) as progress:
+        result = screener(volume, progress=progress, with_maps=not args.no_maps)
+    result.settings = run_settings(screener.model_name, screener.findings, not args.no_maps)
+    return result, source
+
+
+FLAG_LEGEND = "flag: * probability >= the finding's threshold (thr); n/c near chance, never flagged."
+
+
 def print_table(result, stream) -> None:
     from medalign.inference.results import MIN_FLAG_AUC
 
     print(f"{result.model} on {result.input.get('path', 'volume')} ({result.device}, {result.elapsed_s:.1f} s)", file=stream)
-    print(f"{'finding':38s} {'prob':>6s} {'+/-':>6s}  flag  {'AUC':>4s}  hotspot RAS (mm)", file=stream)
+    print(f"{'finding':38s} {'prob':>6s} {'+/-':>6s} {'thr':>5s}  flag  {'AUC':>4s}  hotspot RAS (mm)", file=stream)
     for f in result.ranked():
         h = f.hotspot
         where = "" if h is None else "(" + ", ".join(f"{v:.0f}" for v in h.ras) + ")"
         flag = {"flagged": "  * ", "near chance": " n/c", "": "    "}[f.flag_state]
         auc = "   -" if f.validation_auc is None else f"{f.validation_auc:4.2f}"
-        print(f"{f.name[:38]:38s} {f.probability:6.3f} {f.uncertainty:6.3f}  {flag}  {auc}  {where}", file=stream)
+        thr = "    -" if f.threshold is None else f"{f.threshold:5.2f}"
+        print(f"{f.name[:38]:38s} {f.probability:6.3f} {f.uncertainty:6.3f} {thr}  {flag}  {auc}  {where}", file=stream)
+    print(FLAG_LEGEND, file=stream)
     if any(f.validation_auc is not None for f in result.findings):
         print(f"AUC: the model's AUC for the finding on its held-out validation set; n/c (near chance, below "
               f"{MIN_FLAG_AUC}): never flagged.", file=stream)

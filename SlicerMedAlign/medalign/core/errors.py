@@ -15,3 +15,7 @@ class CheckpointError(MedAlignError):
 
 class CancelledError(MedAlignError):
     """The user cancelled a run; nothing half-made is left behind."""
+
+
+class OutputError(MedAlignError):
+    """The output folder cannot be used (a file, read-only, outside --out, held by another run)."""

@@ -1,4 +1,4 @@
-"""Volume I/O: NIfTI, NRRD, MetaImage and DICOM series into ``Volume``, and atomic writes.
+"""Volume I/O: NIfTI, NRRD, MetaImage and DICOM series into ``Volume``, and back (atomically).
 
 SimpleITK (ITK + GDCM) reads every format, so JPEG 2000 DICOM, gzip NIfTI and detached
 NRRD headers all follow one code path. ITK works in LPS; ``Volume`` is RAS like Slicer,
@@ -8,24 +8,21 @@ so the geometry is flipped once here and nowhere else. Every failure becomes an
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import os
 import shutil
 import struct
-import tempfile
-import uuid
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
+from medalign.core.atomic import atomic_output, publish, temp_name
 from medalign.core.errors import InputError, MedAlignError
 from medalign.core.volume import Volume
 
-__all__ = ["read_volume", "write_volume", "atomic_output", "atomic_write_text", "SUPPORTED_SUFFIXES"]
+__all__ = ["read_volume", "write_volume", "SUPPORTED_SUFFIXES", "VOLUME_SUFFIXES", "strip_volume_suffix"]
 
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -44,6 +41,18 @@ _FORMATS: dict[str, str] = {
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_FORMATS)
 _WRITABLE = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 _DETACHED = (".nhdr", ".mhd")  # header + separate data file
+# Files that hold a whole CT volume on their own (a cohort folder lists these and DICOM folders).
+VOLUME_SUFFIXES: tuple[str, ...] = _WRITABLE
+
+
+def strip_volume_suffix(name: str) -> str:
+    """A case id from a file name: only a known volume suffix is cut, so the dots of a DICOM
+    UID ("1.2.840.1.nii.gz" -> "1.2.840.1") and of folder names survive."""
+    lower = name.lower()
+    for suffix in VOLUME_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
 
 # A series whose slice positions deviate by more than this fraction of the slice
 # spacing has missing slices: its geometry would be silently wrong, so it is refused.
@@ -382,41 +391,6 @@ def _ijk_to_ras(image: sitk.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it into place only on success.
-
-    The temp name keeps the final name's suffixes (writers pick formats from them) and
-    lives in the same folder, so ``os.replace`` is atomic: readers never see half a file
-    and a failed or cancelled run leaves nothing behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:12]}-{path.name}"
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise MedAlignError(f"Nothing was written for {path.name}.")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            if tmp.is_dir():
-                shutil.rmtree(tmp)
-            else:
-                tmp.unlink()
-        raise
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 text atomically (flushed to disk before the rename)."""
-    path = Path(path)
-    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return path
-
-
 def write_volume(volume: Volume, path: str | Path) -> Path:
     """Write a ``Volume`` (RAS) as NIfTI, NRRD or MetaImage, atomically, keeping its dtype."""
     path = Path(path)
@@ -434,12 +408,13 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     # Header + data file: write both in a temp folder under their final names (the header
     # refers to the data file by name), then move the data first and the header last.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmpdir = Path(tempfile.mkdtemp(prefix=".tmp-medalign-", dir=path.parent))
+    tmpdir = temp_name(path)
+    tmpdir.mkdir()
     try:
         _write_image(image, tmpdir / path.name, compress)
         produced = sorted(tmpdir.iterdir(), key=lambda p: p.name == path.name)
         for item in produced:
-            os.replace(item, path.parent / item.name)
+            publish(item, path.parent / item.name)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return path

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medalign.core.errors import InputError
-
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+from medalign.core.volume_io import VOLUME_SUFFIXES
+from medalign.core.volume_io import strip_volume_suffix as _strip_suffix
 
 
 @dataclass
@@ -25,13 +25,6 @@ class Case:
     report: str | None
     labels: dict[str, int] | None
     mask_path: Path | None
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in VOLUME_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -57,7 +50,7 @@ def load_cohort(folder: str | Path, require_reports: bool = False) -> list[Case]
         raise InputError(f"{root} is not a cohort folder (expected a 'volumes/' sub-folder).")
     volumes = {}
     for p in sorted(vol_dir.iterdir()):
-        if p.name.endswith(VOLUME_SUFFIXES) or p.is_dir():
+        if p.name.lower().endswith(VOLUME_SUFFIXES) or p.is_dir():
             volumes[_strip_suffix(p.name)] = p
     if not volumes:
         raise InputError(f"{vol_dir} holds no CT volumes (.nii.gz, .nrrd, .mha or DICOM folders).")

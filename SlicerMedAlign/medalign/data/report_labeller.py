@@ -37,12 +37,12 @@ from __future__ import annotations
 import csv
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from medalign.core.atomic import atomic_output
 from medalign.core.errors import InputError, MedAlignError
 from medalign.data.cohorts import ID_COLUMNS
 from medalign.knowledge.findings import CT_RATE_FINDINGS, FindingKnowledge, load_knowledge
@@ -586,21 +586,12 @@ def label_reports_csv(
     kb = load_knowledge()
     header = ([id_column] if id_column else []) + list(findings)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as out:
-            writer = csv.writer(out)
-            writer.writerow(header)
-            for row in rows:
-                labels = label_report(row.get(text_column) or "", findings, kb)
-                writer.writerow(([row.get(id_column, "")] if id_column else []) + [labels[f] for f in findings])
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the labels are an ordinary output file
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(dst) as tmp, open(tmp, "w", newline="", encoding="utf-8") as out:
+        writer = csv.writer(out)
+        writer.writerow(header)
+        for row in rows:
+            labels = label_report(row.get(text_column) or "", findings, kb)
+            writer.writerow(([row.get(id_column, "")] if id_column else []) + [labels[f] for f in findings])
     return dst
 
 

@@ -67,12 +67,15 @@ def evaluate(
     """Screen every case of ``data`` with ``model`` (name or model object) and write metrics to ``out``."""
     from tqdm import tqdm
 
-    from medalign.core.volume_io import atomic_output, atomic_write_text, read_volume
+    from medalign.core.atomic import atomic_output, write_text
+    from medalign.core.output_folder import prepare
+    from medalign.core.volume_io import read_volume
     from medalign.inference.screener import Screener
 
     cases = [c for c in load_cohort(data) if c.labels is not None or c.report]
     if not cases:
         raise InputError(f"{data} has no labels.csv or reports.csv to evaluate against.")
+    out = prepare(out)  # an unusable --out fails now, not after screening the whole cohort
     screener = screener or Screener(model=model, findings=findings or _labelled_findings(cases), device=device)
     names = screener.findings
     labels = resolve_labels(cases, names).numpy()
@@ -93,7 +96,9 @@ def evaluate(
                     loc[name].append(localization(fr.map, fr.hotspot.ras, mask, lesion, tol))
 
     per_finding = {}
-    for fi, name in enumerate(names):
+    # 1000 resamples x 18 findings take minutes: a bar, so the run never looks stuck
+    boot = tqdm(names, desc=f"bootstrap ({n_boot} resamples)", unit="finding", disable=not progress or n_boot == 0)
+    for fi, name in enumerate(boot):
         known = labels[:, fi] >= 0
         y, p = labels[known, fi], probs[known, fi]
         entry: dict = {"n": int(known.sum()), "positives": int(y.sum())}
@@ -111,11 +116,9 @@ def evaluate(
         "data": str(data), "model": screener.model_name, "cases": len(cases),
         "tolerance_mm": tol, "macro": macro, "findings": per_finding,
     }
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float) + "\n")
-    atomic_write_text(out / "metrics.csv", _metrics_csv(per_finding, macro))
-    atomic_write_text(out / "predictions.csv", _predictions_csv(cases, names, probs, labels))
+    write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float) + "\n")
+    write_text(out / "metrics.csv", _metrics_csv(per_finding, macro))
+    write_text(out / "predictions.csv", _predictions_csv(cases, names, probs, labels))
     with atomic_output(out / "roc.png") as tmp:
         _plot_roc(names, labels, probs, tmp)
     return summary

@@ -1,8 +1,9 @@
 """Screening results: plain data that the CLI, the Slicer glue and the web viewer share.
 
 ``ScreeningResult.write`` is the one place that decides the on-disk layout
-(results.json, results.csv, maps/<slug>.nii.gz); ``ScreeningResult.read`` reverses it so a
-background process can hand results to the Slicer module.
+(results.json, results.csv, maps/<name>.nii.gz, the map's file name recorded per finding);
+``ScreeningResult.read`` reverses it so a background process can hand results to the
+Slicer module. Results and maps always belong together: a rerun replaces both.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import csv
 import io as _io
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
 MAPS_DIR = "maps"
 CSV_COLUMNS = [
-    "finding", "probability", "uncertainty", "flagged", "validation_auc", "score",
+    "finding", "probability", "uncertainty", "flagged", "threshold", "validation_auc", "score",
     "hotspot_r", "hotspot_a", "hotspot_s", "hotspot_value", "extent_mm3", "map",
 ]
 
@@ -38,10 +40,19 @@ def is_near_chance(validation_auc: float | None) -> bool:
 
 
 def slug(name: str) -> str:
-    """File-system-safe name of a finding (shared with the knowledge base)."""
+    """File-system-safe name of a finding (shared with the knowledge base); may be empty
+    (non-Latin names) or shared by two names, so map files use ``map_file_names``."""
     from medalign.knowledge.findings import slugify
 
     return slugify(name)
+
+
+def map_file_names(names: list[str]) -> dict[str, str]:
+    """Finding name -> ``maps/<file>.nii.gz``, unique and safe for any set of names
+    ("Lung nodule" and "lung-nodule", or 肺结节, each get their own file)."""
+    from medalign.core.output_folder import unique_names
+
+    return {n: f"{MAPS_DIR}/{b}.nii.gz" for n, b in unique_names(names, slug).items()}
 
 
 @dataclass
@@ -66,6 +77,7 @@ class FindingResult:
     knowledge: dict[str, Any] = field(default_factory=dict)
     published_score: float | None = None  # the family's own score where it has one (BrgSA)
     validation_auc: float | None = None  # the model's AUC for this finding on its held-out set, if known
+    threshold: float | None = None  # flagged = probability >= threshold (and not near chance)
 
     @property
     def near_chance(self) -> bool:
@@ -77,16 +89,18 @@ class FindingResult:
         """"flagged", "near chance" (never flagged) or "": the one word every front end shows."""
         return "flagged" if self.flagged else "near chance" if self.near_chance else ""
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, map_file: str | None = None) -> dict[str, Any]:
+        """JSON-able; ``map_file`` is where ``ScreeningResult.write`` puts the map."""
         d = {
             "name": self.name,
             "probability": round(float(self.probability), 6),
             "uncertainty": round(float(self.uncertainty), 6),
             "flagged": bool(self.flagged),
+            "threshold": None if self.threshold is None else round(float(self.threshold), 6),
             "validation_auc": None if self.validation_auc is None else round(float(self.validation_auc), 4),
             "score": round(float(self.score), 6),
             "hotspot": None if self.hotspot is None else _round_hotspot(self.hotspot),
-            "map": f"{MAPS_DIR}/{slug(self.name)}.nii.gz" if self.map is not None else None,
+            "map": map_file if self.map is not None else None,
         }
         if self.knowledge:
             d["knowledge"] = self.knowledge
@@ -111,6 +125,7 @@ class ScreeningResult:
     elapsed_s: float = 0.0
     disclaimer: str = ""
     warnings: list[str] = field(default_factory=list)  # why these scores may not apply to this scan
+    settings: dict[str, Any] = field(default_factory=dict)  # what produced it (model, findings, maps): reuse test
 
     def ranked(self) -> list[FindingResult]:
         return sorted(self.findings, key=lambda f: f.probability, reverse=True)
@@ -121,7 +136,12 @@ class ScreeningResult:
                 return f
         raise KeyError(name)
 
+    def map_files(self) -> dict[str, str]:
+        """Finding name -> its map's path relative to the results folder (findings with maps)."""
+        return map_file_names([f.name for f in self.findings if f.map is not None])
+
     def to_dict(self) -> dict[str, Any]:
+        files = self.map_files()
         return {
             "input": self.input,
             "model": self.model,
@@ -129,19 +149,22 @@ class ScreeningResult:
             "elapsed_s": round(float(self.elapsed_s), 3),
             "disclaimer": self.disclaimer,
             "warnings": list(self.warnings),
-            "findings": [f.to_dict() for f in self.ranked()],
+            "settings": dict(self.settings),
+            "findings": [f.to_dict(files.get(f.name)) for f in self.ranked()],
         }
 
     def csv_text(self) -> str:
         buf = _io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
+        files = self.map_files()
         for f in self.ranked():
-            d = f.to_dict()
+            d = f.to_dict(files.get(f.name))
             h = f.hotspot
             writer.writerow({
                 "finding": f.name, "probability": d["probability"], "uncertainty": d["uncertainty"],
-                "flagged": int(f.flagged), "validation_auc": "" if f.validation_auc is None else d["validation_auc"],
+                "flagged": int(f.flagged), "threshold": "" if f.threshold is None else d["threshold"],
+                "validation_auc": "" if f.validation_auc is None else d["validation_auc"],
                 "score": d["score"],
                 "hotspot_r": "" if h is None else round(h.ras[0], 3),
                 "hotspot_a": "" if h is None else round(h.ras[1], 3),
@@ -153,19 +176,34 @@ class ScreeningResult:
         return buf.getvalue()
 
     def write(self, out_dir: str | Path) -> Path:
-        """Write results.json, results.csv and maps/*.nii.gz; every file appears whole or not at all."""
-        from medalign.core.volume_io import atomic_write_text, write_volume
+        """Write results.json, results.csv and maps/*.nii.gz as one set.
+
+        The maps are written into a temporary folder that then replaces ``maps/`` whole,
+        so maps of findings no longer screened (or of an earlier run with maps) never sit
+        beside the new results; results.json is removed first and written last, so its
+        presence means the whole set is complete.
+        """
+        from medalign.core.atomic import replace_folder, temp_name, write_text
+        from medalign.core.output_folder import inside
+        from medalign.core.volume_io import write_volume
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        maps = [f for f in self.findings if f.map is not None]
-        if maps:
-            (out / MAPS_DIR).mkdir(exist_ok=True)
-        for f in maps:
-            write_volume(f.map, out / MAPS_DIR / f"{slug(f.name)}.nii.gz")
-        atomic_write_text(out / RESULTS_CSV, self.csv_text())
-        # results.json last: its presence means the whole set is complete
-        atomic_write_text(out / RESULTS_JSON, json.dumps(self.to_dict(), indent=2) + "\n")
+        files = self.map_files()
+        staged = temp_name(out / MAPS_DIR)
+        try:
+            if files:
+                staged.mkdir()
+                for f in self.findings:
+                    if f.name in files:
+                        write_volume(f.map, inside(staged, Path(files[f.name]).name))
+            (out / RESULTS_JSON).unlink(missing_ok=True)  # the old set stops counting as complete
+            replace_folder(staged if files else None, out / MAPS_DIR)
+        finally:
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+        write_text(out / RESULTS_CSV, self.csv_text())
+        write_text(out / RESULTS_JSON, json.dumps(self.to_dict(), indent=2) + "\n")
         return out
 
     @classmethod
@@ -178,14 +216,15 @@ class ScreeningResult:
             findings.append(FindingResult(
                 d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"],
                 map_of(d) if map_of is not None else None, hotspot, d.get("knowledge", {}), d.get("published_score"),
-                d.get("validation_auc"),  # absent in results written before it existed
+                d.get("validation_auc"), d.get("threshold"),  # absent in results written before they existed
             ))
         return cls(data.get("input", {}), data["model"], data["device"], findings, data.get("elapsed_s", 0.0),
-                   data.get("disclaimer", ""), list(data.get("warnings", [])))
+                   data.get("disclaimer", ""), list(data.get("warnings", [])), dict(data.get("settings", {})))
 
     @classmethod
     def read(cls, out_dir: str | Path, load_maps: bool = True) -> ScreeningResult:
         from medalign.core.errors import InputError
+        from medalign.core.output_folder import inside
         from medalign.core.volume_io import read_volume
 
         out = Path(out_dir)
@@ -196,7 +235,7 @@ class ScreeningResult:
         def map_of(d: dict) -> Volume | None:
             if not (load_maps and d.get("map")):
                 return None
-            vol = read_volume(out / d["map"])
+            vol = read_volume(inside(out, d["map"]))
             if vol.array.dtype != np.float32:
                 vol.array = vol.array.astype(np.float32)
             return vol

@@ -17,6 +17,7 @@ import torch
 from medalign.core.errors import CancelledError
 from medalign.core.volume import Volume
 from medalign.inference.results import FindingResult, Hotspot, ScreeningResult, is_near_chance
+from medalign.knowledge.findings import parse_findings  # noqa: F401 -- its import path since the start
 from medalign.models.base import ScreeningModel
 
 ProgressFn = Callable[[float, str], None]
@@ -30,27 +31,6 @@ def default_findings() -> list[str]:
     from medalign.knowledge.findings import CT_RATE_FINDINGS
 
     return list(CT_RATE_FINDINGS)
-
-
-def parse_findings(text: str | Sequence[str] | None) -> list[str]:
-    """"A;B" or a list -> clean, de-duplicated names; None/"" -> the 18 CT-RATE findings.
-
-    The words "ct-rate" and "ct-rate-lt" expand to those finding lists.
-    """
-    from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
-
-    if text is None or (isinstance(text, str) and not text.strip()):
-        return default_findings()
-    items = text.split(";") if isinstance(text, str) else list(text)
-    out: list[str] = []
-    for item in (s.strip() for s in items):
-        expand = {"ct-rate": CT_RATE_FINDINGS, "ct-rate-lt": CT_RATE_LT_FINDINGS}.get(item.lower(), [item] if item else [])
-        out += [n for n in expand if n.lower() not in {o.lower() for o in out}]
-    if not out:
-        from medalign.core.errors import InputError
-
-        raise InputError("No finding names were given.")
-    return out
 
 
 def get_model(model: str | ScreeningModel | None, device: torch.device) -> tuple[ScreeningModel, str]:
@@ -234,6 +214,7 @@ class Screener:
                 knowledge=knowledge,
                 published_score=None if published is None else float(published[0, 0]),
                 validation_auc=auc,
+                threshold=thresholds.get(p.finding, 0.5),
             ))
         return results
 

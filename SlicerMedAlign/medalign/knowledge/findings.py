@@ -15,7 +15,7 @@ model family's templates alone.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -77,6 +77,34 @@ def slugify(name: str) -> str:
     """File-system and identifier safe key of a finding name ("Lung nodule" -> "lung_nodule")."""
     slug = re.sub(r"[^a-z0-9]+", "_", name.strip().lower()).strip("_")
     return slug
+
+
+FINDING_GROUPS: dict[str, list[str]] = {
+    "ct-rate": CT_RATE_FINDINGS,
+    "ct-rate-lt": CT_RATE_LT_FINDINGS,
+    "all": CT_RATE_FINDINGS + CT_RATE_LT_FINDINGS,
+}
+
+
+def parse_findings(text: str | Sequence[str] | None, separators: str = ";") -> list[str]:
+    """"A;B" or a list -> clean, de-duplicated names; None/"" -> the 18 CT-RATE findings.
+
+    The one parser of every command's --findings. The words "ct-rate", "ct-rate-lt" and
+    "all" expand to those finding lists. ``separators`` other than ";" exist only for
+    ``label-reports``, which took "A,B" before and still does.
+    """
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return list(CT_RATE_FINDINGS)
+    items = re.split("[" + re.escape(separators) + "]", text) if isinstance(text, str) else list(text)
+    out: list[str] = []
+    for item in (s.strip() for s in items):
+        expand = FINDING_GROUPS.get(item.lower(), [item] if item else [])
+        out += [n for n in expand if n.lower() not in {o.lower() for o in out}]
+    if not out:
+        from medalign.core.errors import InputError
+
+        raise InputError("No finding names were given.")
+    return out
 
 
 def _norm(text: str) -> str:
@@ -301,6 +329,8 @@ def build_prompts(
 
 
 __all__ = [
+    "FINDING_GROUPS",
+    "parse_findings",
     "CT_RATE_FINDINGS",
     "CT_RATE_LT_FINDINGS",
     "FindingKnowledge",

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 from filelock import FileLock  # a torch dependency, so always present
 
 from medalign import __version__
+from medalign.core.atomic import publish
 from medalign.core.errors import CheckpointError
 
 _CHUNK = 1 << 20
@@ -60,8 +61,7 @@ def _finish(part: Path, dest: Path, digest: hashlib._Hash, sha256: str | None, u
                 f"The file downloaded from {url} has SHA-256 {actual} but {sha256.lower()} was expected; "
                 "it was deleted."
             )
-    os.replace(part, dest)
-    return dest
+    return publish(part, dest)
 
 
 def _copy_file_url(url: str, dest: Path, part: Path, sha256: str | None, progress: bool) -> Path:

@@ -202,7 +202,7 @@ def save_checkpoint(model: MedAlignModel, path: str | Path, extra: dict | None =
     """Write weights + config into one safetensors file (atomic)."""
     from safetensors.torch import save_file
 
-    from medalign.core.volume_io import atomic_output
+    from medalign.core.atomic import atomic_output
 
     path = Path(path)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.trainable_state_dict().items()}

@@ -16,11 +16,11 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from medalign.core.atomic import write_json
 from medalign.core.errors import CheckpointError, InputError
 from medalign.core.resources import resources_dir
 
@@ -132,21 +132,6 @@ def _builtins() -> dict[str, ModelEntry]:
 # --------------------------------------------------------------------------- user file
 
 
-def _atomic_write_json(path: Path, data: object) -> None:
-    """Write JSON under a unique temporary name then rename, so concurrent readers
-    (e.g. torchrun ranks) never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _registry_path() -> Path:
     return cache_dir() / _REGISTRY_FILE
 
@@ -168,7 +153,7 @@ def _load_user() -> dict[str, dict]:
 
 
 def _save_user(models: dict[str, dict]) -> None:
-    _atomic_write_json(_registry_path(), {"version": 1, "models": models})
+    write_json(_registry_path(), {"version": 1, "models": models}, sort_keys=True)
 
 
 def _entry_from_user(name: str, raw: dict, base: ModelEntry | None) -> ModelEntry:
@@ -334,7 +319,7 @@ def _remember_sha(path: Path, sha: str) -> None:
     memo = _load_verified()
     memo[str(path)] = {"size": size, "mtime_ns": mtime_ns, "sha256": sha}
     with contextlib.suppress(OSError):  # read-only cache: verification still happened, only the memo is lost
-        _atomic_write_json(_verified_path(), memo)
+        write_json(_verified_path(), memo, sort_keys=True)
 
 
 def _file_sha(path: Path, use_memo: bool = True) -> str:

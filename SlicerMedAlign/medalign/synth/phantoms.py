@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from medalign.core.atomic import atomic_output
+from medalign.core.atomic import write_text as _write_text
 from medalign.core.errors import InputError, MedAlignError
 from medalign.core.parallel import ordered_map
 from medalign.core.volume import Volume
@@ -1301,27 +1301,8 @@ def _write_nifti(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path) -> None:
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(v) for v in (lps / spacing).ravel()])
     image.SetOrigin([float(v) for v in (np.diag([-1.0, -1.0, 1.0]) @ m[:3, 3])])
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, tmp, True)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; datasets are meant to be shared
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(image, str(tmp), True)
 
 
 def _csv_text(rows: list[list[Any]]) -> str:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from medalign.core.atomic import atomic_output
 from medalign.core.errors import InputError
 from medalign.core.parallel import default_workers
 from medalign.data.cohorts import Case, load_cohort
@@ -183,10 +184,9 @@ def _prepared_item(job: tuple) -> dict[str, torch.Tensor]:
     item = {"image": prepared.tensor[0].to(torch.float16).contiguous()}
     if case.mask_path is not None:
         item["tokens"] = token_mask(read_volume(case.mask_path), prepared.grid_to_ras, profile.size, stride)
-    if cached is not None:  # per-process temp name: torchrun ranks and workers may race on a case
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(item, tmp)
-        os.replace(tmp, cached)
+    if cached is not None:  # a unique temp name: torchrun ranks and workers may race on a case
+        with atomic_output(cached) as tmp:
+            torch.save(item, tmp)
     return item
 
 
@@ -584,9 +584,9 @@ def _save(model, opt, sched, gen, step: int, cfg: TrainConfig, findings: list[st
     }
     save_checkpoint(model, cfg.out, extra=extra)
     state_path = cfg.out.with_suffix(".train_state.pt")
-    tmp = state_path.with_suffix(".tmp")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step, "generator": gen.get_state()}, tmp)
-    os.replace(tmp, state_path)
+    with atomic_output(state_path) as tmp:
+        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                    "generator": gen.get_state()}, tmp)
 
 
 def calibrate(checkpoint: Path, val_data: Path, device: str = "auto") -> dict[str, dict[str, float]]:

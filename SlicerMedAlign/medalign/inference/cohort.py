@@ -1,0 +1,211 @@
+"""Cohort screening: every CT of a folder or CSV into its own results folder under one output folder.
+
+Hours of work, so the rules are strict: the cohort is listed and checked (unique case
+ids) and the output folder proven writable and locked before the first case; a case
+done earlier with the same model, findings and maps setting is skipped (an interrupted
+run resumes), one done with other settings is redone; a failing case is recorded and the
+rest go on; nothing is ever written outside the output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medalign.core.errors import CancelledError, InputError, MedAlignError
+
+SUMMARY_COLUMNS = ["id", "path", "folder", "status", "error", "warnings", "top_finding", "top_probability"]
+STATUSES = ("screened", "skipped", "failed")  # skipped: already done earlier with the same settings
+
+
+@dataclass(frozen=True)
+class CohortCase:
+    case_id: str
+    path: Path
+
+
+@dataclass
+class CohortSummary:
+    """What happened to each case of this process's share of the cohort."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    path: Path | None = None  # the summary CSV
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.rows)
+
+    def line(self) -> str:
+        return (f"{self.count('screened')} screened, {self.count('skipped')} skipped (already done), "
+                f"{self.count('failed')} failed")
+
+
+def list_cases(source: str | Path) -> list[CohortCase]:
+    """The cases of a folder (CT files and DICOM sub-folders) or a CSV (column 'path',
+    optional 'id'); refuses duplicate case ids before any work."""
+    source = Path(source)
+    if source.is_file() and source.suffix.lower() == ".csv":
+        cases = _cases_from_csv(source)
+    elif source.is_dir():
+        cases = _cases_from_folder(source)
+    else:
+        raise InputError(f"{source} is neither a folder nor a CSV file.")
+    dups = sorted(i for i, n in Counter(c.case_id for c in cases).items() if n > 1)
+    if dups:
+        shown = ", ".join(repr(d) for d in dups[:5]) + (" ..." if len(dups) > 5 else "")
+        raise InputError(f"The cohort {source} names {len(dups)} case id(s) more than once ({shown}); "
+                         "give every case a unique id (a CSV 'id' column) so no result overwrites another.")
+    return cases
+
+
+def _cases_from_csv(source: Path) -> list[CohortCase]:
+    from medalign.core.volume_io import strip_volume_suffix
+
+    try:
+        with source.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"{source} is not a readable UTF-8 CSV ({type(exc).__name__}).") from None
+    if not rows or "path" not in rows[0]:
+        raise InputError(f"{source} needs a 'path' column listing the CT files or DICOM folders.")
+    cases = []
+    for n, row in enumerate(rows, start=2):
+        text = (row.get("path") or "").strip()
+        if not text:
+            raise InputError(f"{source} line {n} has an empty 'path'.")
+        path = Path(text).expanduser()
+        path = path if path.is_absolute() else source.parent / path
+        case_id = (row.get("id") or "").strip() or strip_volume_suffix(path.name)
+        cases.append(CohortCase(case_id, path))
+    return cases
+
+
+def _cases_from_folder(source: Path) -> list[CohortCase]:
+    from medalign.core.volume_io import VOLUME_SUFFIXES, strip_volume_suffix
+
+    def is_case(p: Path) -> bool:
+        if p.name.startswith("."):
+            return False
+        return p.name.lower().endswith(VOLUME_SUFFIXES) if p.is_file() else p.is_dir() and any(p.iterdir())
+
+    cases = [CohortCase(strip_volume_suffix(p.name), p) for p in sorted(source.iterdir()) if is_case(p)]
+    if not cases:
+        raise InputError(f"{source} holds no CT files or DICOM folders.")
+    return cases
+
+
+def run_settings(model_name: str, findings: Sequence[str], with_maps: bool) -> dict[str, Any]:
+    """What a case's results depend on: results made with other settings are not reused."""
+    return {"model": model_name, "findings": list(findings), "maps": bool(with_maps)}
+
+
+def done_earlier(folder: Path, case: CohortCase, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The stored results of ``case`` if they are complete and made with ``settings``."""
+    from medalign.inference.results import RESULTS_JSON
+
+    try:
+        data = json.loads((folder / RESULTS_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("settings") != settings:
+        return None
+    if (data.get("input") or {}).get("case_id") != case.case_id:
+        return None
+    return data
+
+
+def screen_cohort(
+    source: str | Path,
+    out: str | Path,
+    model: Any = None,
+    findings: str | Sequence[str] | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    with_maps: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    progress: bool = True,
+) -> CohortSummary:
+    """Screen this process's share (``rank`` of ``world``) of a cohort into ``out``/<case>/
+    and write ``summary.csv`` (``summary.rank<r>.csv`` under torchrun)."""
+    from medalign.core.output_folder import LOCK_NAME, case_folder_name, claim, unique_names
+    from medalign.inference.screener import Screener
+
+    cases = list_cases(source)
+    summary_name = "summary.csv" if world == 1 else f"summary.rank{rank}.csv"
+    folders = unique_names([c.case_id for c in cases], case_folder_name,
+                           reserved=["summary", "summary.csv", *(f"summary.rank{r}.csv" for r in range(world))])
+    lock = LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}"
+    with claim(out, lock, clean=world == 1) as out:
+        screener = Screener(model=model, findings=findings, device=device, precision=precision)
+        settings = run_settings(screener.model_name, screener.findings, with_maps)
+        summary = CohortSummary()
+        for case in _progress(cases[rank::world], summary, rank, world, progress):
+            summary.rows.append(_screen_case(screener, case, out, folders[case.case_id], settings))
+        summary.path = _write_summary(out / summary_name, summary.rows)
+    return summary
+
+
+def _progress(cases: list[CohortCase], summary: CohortSummary, rank: int, world: int, enabled: bool):
+    """The cases, under a bar with rate, ETA and the running counts."""
+    import sys
+
+    from tqdm import tqdm
+
+    bar = tqdm(cases, desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="ct", file=sys.stderr,
+               disable=not enabled, dynamic_ncols=True,
+               bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+    for case in bar:
+        yield case
+        bar.set_postfix_str(summary.line(), refresh=False)
+
+
+def _screen_case(screener, case: CohortCase, out: Path, folder_name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """One case, never raising for the case's own faults: the row says what happened."""
+    from medalign.core.atomic import remove_stale
+    from medalign.core.output_folder import inside
+    from medalign.core.volume_io import read_volume
+
+    row: dict[str, Any] = {"id": case.case_id, "path": str(case.path), "folder": folder_name}
+    try:
+        folder = inside(out, folder_name)
+        earlier = done_earlier(folder, case, settings)
+        if earlier is not None:
+            return row | {"status": "skipped"} | _top(earlier)
+        remove_stale(folder)  # what a killed run left (we hold the lock)
+        result = screener(read_volume(case.path), with_maps=settings["maps"])
+        result.input.update(path=str(case.path), case_id=case.case_id)
+        result.settings = settings
+        result.write(folder)
+        return row | {"status": "screened"} | _top(result.to_dict())
+    except (CancelledError, KeyboardInterrupt):
+        raise
+    except MedAlignError as exc:
+        return row | {"status": "failed", "error": str(exc)}
+    except Exception as exc:  # noqa: BLE001 -- one case's unexpected fault must not end hours of work
+        return row | {"status": "failed", "error": " ".join(f"{type(exc).__name__}: {exc}".split())}
+
+
+def _top(data: dict[str, Any]) -> dict[str, Any]:
+    findings = data.get("findings") or []
+    top = max(findings, key=lambda f: f.get("probability", 0.0), default=None)
+    return {
+        "warnings": " | ".join(data.get("warnings") or []),
+        "top_finding": "" if top is None else top["name"],
+        "top_probability": "" if top is None else round(float(top["probability"]), 4),
+    }
+
+
+def _write_summary(path: Path, rows: list[dict[str, Any]]) -> Path:
+    from medalign.core.atomic import write_text
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(path, buf.getvalue())

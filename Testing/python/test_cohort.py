@@ -1,0 +1,108 @@
+"""``medalign batch`` / ``screen_cohort``: every case screened once, under its own id, inside --out."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from helpers import synthetic_ct
+
+from medalign.cli import main
+from medalign.core.volume_io import write_volume
+
+
+def _summary(out):
+    with (out / "summary.csv").open(encoding="utf-8", newline="") as fh:
+        return {r["id"]: r for r in csv.DictReader(fh)}
+
+
+def _batch(src, out, model, *extra):
+    return main(["batch", str(src), "--out", str(out), "--model", model, "--no-maps", *extra])
+
+
+def test_uid_named_cases_are_all_screened(tiny_model, tmp_path, capsys):
+    """Ids were cut at the first dot: both UIDs became '1' and one was skipped 'done earlier'."""
+    src = tmp_path / "cohort"
+    write_volume(synthetic_ct(seed=1), src / "1.2.840.1.nii.gz")
+    write_volume(synthetic_ct(seed=2), src / "1.2.840.2.nii.gz")
+    out = tmp_path / "out"
+    assert _batch(src, out, tiny_model, "--findings", "Lung nodule") == 0
+    rows = _summary(out)
+    assert {i: r["status"] for i, r in rows.items()} == {"1.2.840.1": "screened", "1.2.840.2": "screened"}
+    for case_id in rows:
+        assert json.loads((out / case_id / "results.json").read_text(encoding="utf-8"))["input"]["case_id"] == case_id
+    assert "2 screened, 0 skipped (already done), 0 failed" in capsys.readouterr().out
+
+
+def test_duplicate_ids_are_refused_before_any_work(tiny_model, tmp_path, capsys):
+    ct = write_volume(synthetic_ct(), tmp_path / "ct.nii.gz")
+    listing = tmp_path / "cohort.csv"
+    listing.write_text(f"id,path\nA,{ct}\nB,{ct}\nA,{ct}\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert _batch(listing, out, tiny_model) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medalign: error:") and "'A'" in err[0]
+    assert not out.exists()
+
+
+def test_rerun_with_other_findings_is_not_done_earlier(tiny_model, tmp_path):
+    src = tmp_path / "cohort"
+    write_volume(synthetic_ct(seed=1), src / "a.nii.gz")
+    out = tmp_path / "out"
+    assert _batch(src, out, tiny_model, "--findings", "Lung nodule") == 0
+    assert _batch(src, out, tiny_model, "--findings", "Lung nodule") == 0
+    assert _summary(out)["a"]["status"] == "skipped"
+    assert _batch(src, out, tiny_model, "--findings", "Emphysema") == 0
+    assert _summary(out)["a"]["status"] == "screened"
+    data = json.loads((out / "a" / "results.json").read_text(encoding="utf-8"))
+    assert [f["name"] for f in data["findings"]] == ["Emphysema"]
+    assert data["settings"] == {"model": tiny_model, "findings": ["Emphysema"], "maps": False}
+
+
+def test_one_unexpected_error_does_not_end_the_batch(tiny_model, tmp_path, capsys):
+    src = tmp_path / "cohort"
+    write_volume(synthetic_ct(seed=1), src / "a.nii.gz")
+    write_volume(synthetic_ct(seed=2), src / "b.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a").write_text("a file where case a's folder should go", encoding="utf-8")
+    assert _batch(src, out, tiny_model, "--findings", "Lung nodule") == 2
+    rows = _summary(out)
+    assert rows["a"]["status"] == "failed" and rows["a"]["error"]
+    assert rows["b"]["status"] == "screened" and (out / "b" / "results.json").is_file()
+    captured = capsys.readouterr()
+    assert "1 screened, 0 skipped (already done), 1 failed" in captured.out
+    assert "skipped (already done)" in captured.err  # the bar carries the running counts
+    with (out / "summary.csv").open(encoding="utf-8") as fh:
+        assert "warnings" in fh.readline().split(",")
+
+
+def test_case_ids_cannot_write_outside_out(tiny_model, tmp_path):
+    """An id of '../../x' or an absolute path used to become the output folder itself."""
+    ct = write_volume(synthetic_ct(), tmp_path / "ct.nii.gz")
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    escape = tmp_path / "escaped"
+    listing = work / "cohort.csv"
+    listing.write_text(f"id,path\n../../escaped,{ct}\n{tmp_path / 'absolute'},{ct}\n", encoding="utf-8")
+    out = work / "out"
+    assert _batch(listing, out, tiny_model, "--findings", "Lung nodule") == 0
+    assert not escape.exists() and not (tmp_path / "absolute").exists()
+    rows = _summary(out)
+    assert all(r["status"] == "screened" for r in rows.values())
+    for r in rows.values():
+        folder = (out / r["folder"]).resolve()
+        assert folder.parent == out.resolve() and (folder / "results.json").is_file()
+
+
+def test_folder_ids_keep_uid_dots_and_cut_only_volume_suffixes(tmp_path):
+    """DICOM folders named by UIDs all became case '1' (the name was cut at the first dot)."""
+    from medalign.inference.cohort import list_cases
+
+    for name in ("1.2.826.0.1.3680043", "1.2.826.0.1.3680044"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "slice0001.dcm").write_bytes(b"")
+    for name in ("a.b.nii.gz", "c.NRRD", "d.mhd", "notes.txt", ".hidden.nii.gz"):
+        (tmp_path / name).write_bytes(b"")
+    ids = [c.case_id for c in list_cases(tmp_path)]
+    assert ids == ["1.2.826.0.1.3680043", "1.2.826.0.1.3680044", "a.b", "c", "d"]

@@ -25,6 +25,8 @@ from slicer.util import VTKObservationMixin
 
 import MedAlignLib
 from medalign.core.errors import CancelledError, MedAlignError
+from MedAlignLib.i18n import tr as _
+from MedAlignLib.i18n import translate
 
 DEFAULT_MODEL = "medalign-demo"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -39,10 +41,13 @@ class MedAlign(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "MedAlign"
-        self.parent.categories = ["Diagnosis"]
+        # A core category, translated as Slicer's own modules do (DataProbe.py:25 at v5.8.1);
+        # the Extensions Index accepts it (check_description_files.py ACCEPTED_EXTENSION_CATEGORIES).
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerMedAlign contributors"]
-        self.parent.helpText = """
+        # _() marks the texts for translation (Slicer's module template does the same).
+        self.parent.helpText = _("""
 Zero-shot screening of a chest CT for abnormalities with a 3D CT vision-language model.
 Pick a CT volume, a model and the findings to screen (the 18 CT-RATE abnormalities, the
 15 rarer CT-RATE-LT ones, or any finding typed as free text) and press <b>Screen</b>.
@@ -56,8 +61,8 @@ demonstration, not a clinical tool.</b> Research use only; not for clinical deci
 From the Python console: <code>slicer.util.getModuleLogic("MedAlign").screen(volumeNode,
 findings=["Lung nodule"])</code>.
 See <a href="https://github.com/SlicerMedAlign/SlicerMedAlign">the project page</a>.
-"""
-        self.parent.acknowledgementText = """
+""")
+        self.parent.acknowledgementText = _("""
 MedAlign follows the Bridged Semantic Alignment design (knowledge bank with cross-modal
 knowledge interaction) of H. Lai, Z. Jiang, Q. Yao, R. Wang, Z. He, X. Tao, W. Lv, W. Wei
 and S. K. Zhou, "Bridged Semantic Alignment for Zero-shot 3D Medical Image Diagnosis"
@@ -65,7 +70,7 @@ and S. K. Zhou, "Bridged Semantic Alignment for Zero-shot 3D Medical Image Diagn
 I. E. Hamamci et al., "Developing Generalist Foundation Models from a Multimodal Dataset
 for 3D Computed Tomography" (CT-CLIP / CT-RATE, arXiv:2403.17834). Text embeddings use
 all-MiniLM-L6-v2 (sentence-transformers).
-"""
+""")
 
 
 #

@@ -72,6 +72,10 @@ class ScreeningLogic:
         """
         from medalign.inference.screener import screen as engine_screen
 
+        if is_medalign_map(volumeNode):
+            raise InputError(
+                f"'{volumeNode.GetName()}' is a MedAlign alignment map, not a CT; pick the CT it was computed from."
+            )
         volume = volume_from_node(volumeNode)
         result = engine_screen(volume, findings=findings, model=model, device=device, progress=progress, cancel=cancel)
         parameters = {
@@ -162,6 +166,11 @@ class ScreeningLogic:
 
         table_node = vtkMRMLTableNode()
         table_node.SetName(f"MedAlign results ({input_name})")
+        # Column names as the header, not as an editable row 0 that shifts every row by one
+        # (Slicer qMRMLTableModel.cxx:245-251, v5.8.1); read-only in every table view
+        # (vtkMRMLTableNode.h:111-113 "cannot be edited through the user interface").
+        table_node.SetUseColumnTitleAsColumnHeader(True)
+        table_node.SetLocked(True)
         table_node.SetAttribute(ROLE, "results")
         table_node.SetAttribute(RESULT_JSON, json.dumps(result.to_dict()))
         table_node.SetAttribute(PARAMETERS_JSON, json.dumps(parameters or {}))
@@ -248,9 +257,13 @@ class ScreeningLogic:
         return out
 
     def map_node(self, finding: str, table=None):
+        table = self._table(table)
         for name, node in self.map_nodes(table).items():
             if name.lower() == finding.lower():
                 return node
+        listed = {table.GetCellText(row, 0).lower() for row in range(table.GetNumberOfRows())}
+        if finding.lower() in listed:
+            raise InputError(f"The map of '{finding}' is no longer in the scene; screen the volume again to see it.")
         raise InputError(f"The results have no map for '{finding}'.")
 
     @staticmethod
@@ -419,6 +432,11 @@ def register_node_classes(scene) -> None:
 
     if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):
         scene.RegisterNodeClass(vtkMRMLColorLegendDisplayNode())
+
+
+def is_medalign_map(node) -> bool:
+    """True for the alignment-map volumes MedAlign creates (never a CT to screen)."""
+    return node is not None and node.GetAttribute(ROLE) == "map"
 
 
 def threshold_value(lo: float, hi: float, fraction: float) -> float:

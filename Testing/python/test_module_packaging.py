@@ -234,6 +234,15 @@ def test_translation_functions_fall_back_without_slicer_i18n():
         assert i18n.tr is slicer.i18n.tr and i18n.translate is slicer.i18n.translate
 
 
+def test_parameter_gui_is_connected_with_a_tag_that_slicer_5_8_returns():
+    """connectGui returns None before Slicer 5.10 (wrapper.py:253 at v5.8.1); connectParametersToGui
+    returns the tag in 5.8 (wrapper.py:213) and later, so disconnectGui can remove what was connected."""
+    calls = {n.func.attr for n in ast.walk(_module_tree()) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute)}
+    assert "connectGui" not in calls
+    assert {"connectParametersToGui", "disconnectGui"} <= calls
+
+
 def test_icon_is_a_128_pixel_png():
     data = (MODULE_DIR / "Resources" / "Icons" / "MedAlign.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"

@@ -4,6 +4,7 @@ the CT selector's filter, and hotspot segments drawn by the engine's rule."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install 'trame-slicer[standalone]')")
@@ -12,6 +13,7 @@ pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'tra
 from helpers import synthetic_ct  # noqa: E402
 
 from medalign.core.errors import InputError  # noqa: E402
+from medalign.core.volume import Volume  # noqa: E402
 from MedAlignLib import (  # noqa: E402
     DisplayController,
     ScreeningLogic,
@@ -22,7 +24,9 @@ from MedAlignLib import (  # noqa: E402
     node_from_volume,
     results_view,
     threshold_value,
+    volume_from_node,
 )
+from MedAlignLib import logic as glue  # noqa: E402
 
 FINDINGS = ["Lung nodule", "Emphysema", "Pleural effusion"]
 
@@ -141,3 +145,56 @@ def test_ct_selector_hides_medalign_maps(screened):
     assert first_screenable_volume(other.scene) is later
     with pytest.raises(InputError, match="is a MedAlign alignment map, not a CT"):
         logic.screen(map_node, findings=["Atelectasis"], model=tiny_test_model(seed=0), device="cpu")
+
+
+# ---------------------------------------------------------------------- hotspot segments
+def map_node_of(scene, array: np.ndarray, name: str):
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    node = node_from_volume(scene, Volume(array.astype(np.float32), affine), f"map {name}")
+    node.SetAttribute(glue.ROLE, "map")
+    node.SetAttribute(glue.FINDING, name)
+    return node
+
+
+def segment_voxels(segmentation_node, segment_id) -> int:
+    from slicer import vtkOrientedImageData
+    from vtk.util import numpy_support
+
+    labelmap = vtkOrientedImageData()
+    segmentation_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+    return int(numpy_support.vtk_to_numpy(labelmap.GetPointData().GetScalars()).sum())
+
+
+@pytest.mark.parametrize("fraction", [None, 0.3, 0.7])
+def test_hotspot_segment_is_the_engines_hotspot_region(fraction):
+    from medalign.inference.screener import hotspot_of
+
+    app = new_app()
+    logic = ScreeningLogic(app.scene)
+    k, j, i = np.meshgrid(np.arange(12), np.arange(14), np.arange(16), indexing="ij")
+    array = np.exp(-((k - 5) ** 2 + (j - 6) ** 2 + (i - 9) ** 2) / 8.0) - 0.2
+    array[0, 0, 0:3] = 0.9  # a second, separate bright region the segment must not take
+    node = map_node_of(app.scene, array, "Gaussian")
+    seg, segment_id = logic.hotspot_to_segment(node, threshold=fraction)
+    engine = hotspot_of(volume_from_node(node)) if fraction is None else hotspot_of(volume_from_node(node), fraction)
+    assert segment_voxels(seg, segment_id) * 2.0 * 2.0 * 3.0 == pytest.approx(engine.extent_mm3)
+
+
+def test_a_map_without_a_hotspot_gives_no_segment():
+    """All values below zero: what the engine's hotspot rule says is what the segment does."""
+    from medalign.inference.screener import hotspot_of
+
+    app = new_app()
+    logic = ScreeningLogic(app.scene)
+    k, j, i = np.meshgrid(np.arange(10), np.arange(10), np.arange(10), indexing="ij")
+    array = -1.0 - 0.05 * (k + j + i)  # a gradient, peak (-1.0) at voxel (0, 0, 0)
+    node = map_node_of(app.scene, array, "Negative")
+    engine = hotspot_of(volume_from_node(node))
+    if engine is None:  # the engine's rule since issue 22 item 8
+        nodes_before = app.scene.GetNumberOfNodes()
+        with pytest.raises(InputError, match="has no positive value"):
+            logic.hotspot_to_segment(node)
+        assert app.scene.GetNumberOfNodes() == nodes_before
+    else:
+        seg, segment_id = logic.hotspot_to_segment(node)
+        assert segment_voxels(seg, segment_id) * 2.0 * 2.0 * 3.0 == pytest.approx(engine.extent_mm3)

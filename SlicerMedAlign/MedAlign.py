@@ -144,11 +144,10 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.ctRateButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate")))
         self.ui.ctRateLtButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate-lt")))
         self.ui.clearFindingsButton.connect("clicked()", lambda: self.checkFindings([]))
-        # Clicks and arrow keys both change the selection (qMRMLTableView.h:107-108 at v5.8.1);
-        # a click on the selected row shows its map again. The sliders need no slot: the
-        # display controller follows the parameter node their connectors write to.
+        # Clicks and arrow keys both change the selection (qMRMLTableView.h:107-108 at v5.8.1).
+        # The sliders need no slot: the display controller follows the parameter node
+        # their connectors write to.
         self.ui.resultsTableView.connect("selectionChanged()", self.onResultSelectionChanged)
-        self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
         self.ui.hotspotToSegmentButton.connect("clicked()", self.onHotspotToSegment)
         self.ui.exportButton.connect("clicked()", self.onExport)
 
@@ -364,18 +363,12 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.statusLabel.text = message
 
     def onResultSelectionChanged(self) -> None:
-        view = self.ui.resultsTableView
-        self.showRow(view.selectionModel().currentIndex() if view.selectionModel() else None)
-
-    def onResultClicked(self, index) -> None:
-        self.showRow(index)
-
-    def showRow(self, index) -> None:
-        """Overlay the finding in the view's row ``index`` (a sort-proxy index)."""
-        p = self._parameterNode
+        """Overlay the finding of the selected row (the view's current index, a sort-proxy index)."""
+        view, p = self.ui.resultsTableView, self._parameterNode
+        index = view.selectionModel().currentIndex() if view.selectionModel() else None
         if p is None or self._display is None or index is None or not index.isValid():
             return
-        row = self.ui.resultsTableView.sortFilterProxyModel().mapToSource(index).row()
+        row = view.sortFilterProxyModel().mapToSource(index).row()
         finding = MedAlignLib.finding_at_view_row(p.resultTable, row)
         if finding:
             self._display.show(finding)

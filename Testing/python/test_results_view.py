@@ -110,6 +110,19 @@ def test_showing_the_shown_finding_again_reapplies_it(screened):
     assert foreground(screened) == {(screened["logic"].map_node("Emphysema").GetID(), 0.5)}
 
 
+def test_entering_the_module_leaves_the_views_alone_until_the_state_changes(screened):
+    """A parameter node from a saved scene already names a finding: no redraw on unrelated events."""
+    parameters = screened["parameters"]
+    parameters.SetNodeReferenceID(results_view.RESULT_TABLE, screened["table"].GetID())
+    parameters.SetParameter(results_view.SHOWN_FINDING, "Emphysema")
+    controller = DisplayController(screened["logic"], parameters, lambda message: None)
+    parameters.SetParameter("findings", "Lung nodule")
+    assert {volume for volume, _opacity in foreground(screened)} == {None}
+    parameters.SetParameter(results_view.OPACITY, "0.7")
+    assert foreground(screened) == {(screened["logic"].map_node("Emphysema").GetID(), 0.7)}
+    controller.close()
+
+
 def test_a_deleted_map_gives_one_message_and_keeps_the_row(screened):
     controller, messages = controller_for(screened)
     scene, table, parameters = screened["scene"], screened["table"], screened["parameters"]

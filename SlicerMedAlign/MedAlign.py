@@ -25,6 +25,8 @@ from slicer.util import VTKObservationMixin
 
 import MedAlignLib
 from medalign.core.errors import CancelledError, MedAlignError
+from MedAlignLib.i18n import tr as _
+from MedAlignLib.i18n import translate
 
 DEFAULT_MODEL = "medalign-demo"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -39,10 +41,13 @@ class MedAlign(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "MedAlign"
-        self.parent.categories = ["Diagnosis"]
+        # A core category, translated as Slicer's own modules do (DataProbe.py:25 at v5.8.1);
+        # the Extensions Index accepts it (check_description_files.py ACCEPTED_EXTENSION_CATEGORIES).
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
         self.parent.dependencies = []
         self.parent.contributors = ["SlicerMedAlign contributors"]
-        self.parent.helpText = """
+        # _() marks the texts for translation (Slicer's module template does the same).
+        self.parent.helpText = _("""
 Zero-shot screening of a chest CT for abnormalities with a 3D CT vision-language model.
 Pick a CT volume, a model and the findings to screen (the 18 CT-RATE abnormalities, the
 15 rarer CT-RATE-LT ones, or any finding typed as free text) and press <b>Screen</b>.
@@ -56,8 +61,8 @@ demonstration, not a clinical tool.</b> Research use only; not for clinical deci
 From the Python console: <code>slicer.util.getModuleLogic("MedAlign").screen(volumeNode,
 findings=["Lung nodule"])</code>.
 See <a href="https://github.com/SlicerMedAlign/SlicerMedAlign">the project page</a>.
-"""
-        self.parent.acknowledgementText = """
+""")
+        self.parent.acknowledgementText = _("""
 MedAlign follows the Bridged Semantic Alignment design (knowledge bank with cross-modal
 knowledge interaction) of H. Lai, Z. Jiang, Q. Yao, R. Wang, Z. He, X. Tao, W. Lv, W. Wei
 and S. K. Zhou, "Bridged Semantic Alignment for Zero-shot 3D Medical Image Diagnosis"
@@ -65,7 +70,7 @@ and S. K. Zhou, "Bridged Semantic Alignment for Zero-shot 3D Medical Image Diagn
 I. E. Hamamci et al., "Developing Generalist Foundation Models from a Multimodal Dataset
 for 3D Computed Tomography" (CT-CLIP / CT-RATE, arXiv:2403.17834). Text embeddings use
 all-MiniLM-L6-v2 (sentence-transformers).
-"""
+""")
 
 
 #
@@ -106,6 +111,7 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._display = None
         self._process = None
         self._job = None
         self._cancelRequested = False
@@ -124,11 +130,13 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setRange(0, 1000)
         self.ui.resultsTableView.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.resultsTableView.setSelectionMode(qt.QAbstractItemView.SingleSelection)
+        self.ui.resultsTableView.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         self.populateModels()
         self.populateFindings()
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodeAdded)
 
         self.ui.screenButton.connect("clicked(bool)", self.onScreenButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -136,15 +144,17 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.ctRateButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate")))
         self.ui.ctRateLtButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate-lt")))
         self.ui.clearFindingsButton.connect("clicked()", lambda: self.checkFindings([]))
-        self.ui.resultsTableView.connect("clicked(QModelIndex)", self.onResultClicked)
-        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onDisplayChanged)
-        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onDisplayChanged)
+        # Clicks and arrow keys both change the selection (qMRMLTableView.h:107-108 at v5.8.1).
+        # The sliders need no slot: the display controller follows the parameter node
+        # their connectors write to.
+        self.ui.resultsTableView.connect("selectionChanged()", self.onResultSelectionChanged)
         self.ui.hotspotToSegmentButton.connect("clicked()", self.onHotspotToSegment)
         self.ui.exportButton.connect("clicked()", self.onExport)
 
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self.disconnectParameterNode()
         self.removeObservers()
         if self._process is not None:
             self._cancelRequested = True
@@ -156,10 +166,7 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def exit(self) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
         self.setParameterNode(None)
@@ -171,22 +178,50 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # ------------------------------------------------------------------ parameter node
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.inputVolume:
-            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
+        self.updateInputSelectorFilter()
+        if not MedAlignLib.is_screenable_volume(self._parameterNode.inputVolume):
+            first = MedAlignLib.first_screenable_volume(slicer.mrmlScene)  # never a MedAlign map
+            if first is not None:
                 self._parameterNode.inputVolume = first
         if not self._parameterNode.findings and not self._parameterNode.customFindings:
             self._parameterNode.findings = self.logic.findingPreset("ct-rate")
 
     def setParameterNode(self, inputParameterNode) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.disconnectParameterNode()
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._parameterNodeGuiTag = self._parameterNode.connectParametersToGui(self.parameterWidgets())
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self._display = MedAlignLib.DisplayController(self.logic.lib, self._parameterNode.parameterNode,
+                                                          self.showStatus)
         self.updateGUIFromParameterNode()
+
+    def parameterWidgets(self) -> dict:
+        """{parameter name: widget} of the .ui's widgets that carry a SlicerParameterName.
+
+        Why not ``connectGui(self.ui)``: before Slicer 5.10 it returns no tag
+        (parameterNodeWrapper/wrapper.py:241-253 at v5.8.1; fixed in b5a65a49), so
+        ``disconnectGui`` had nothing to remove and connectors piled up on every ``enter()``.
+        ``connectParametersToGui`` returns the tag in 5.8 and later (wrapper.py:194-213);
+        this is the same widget search as ``connectGui``'s (wrapper.py:247-251).
+        """
+        widgets = {}
+        for widget in vars(self.ui).values():
+            name = widget.property("SlicerParameterName") if hasattr(widget, "property") else None
+            if name:
+                widgets[name] = widget
+        return widgets
+
+    def disconnectParameterNode(self) -> None:
+        """Undo ``setParameterNode``: GUI connectors, GUI observer and the display controller."""
+        if self._display is not None:
+            self._display.close()
+            self._display = None
+        if self._parameterNode:
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNodeGuiTag = None
 
     def updateGUIFromParameterNode(self, caller=None, event=None) -> None:
         """Parts the automatic GUI binding cannot do: model list, finding ticks, table, buttons."""
@@ -296,9 +331,7 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             table = job.finish(-9 if crashed else int(exitCode), stderr, self.logic.lib,
                                cancelled=self._cancelRequested)
-            self._parameterNode.resultTable = table
-            top = self.logic.lib.finding_at_row(table, 0) if table.GetNumberOfRows() else ""
-            self.showFinding(top)
+            self.showResults(table)
             warnings = self.logic.lib.result_from_table(table, load_maps=False).warnings
             self.ui.statusLabel.text = " ".join([f"Screened {table.GetNumberOfRows()} findings.", *warnings])
         except CancelledError:
@@ -316,30 +349,40 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = message
 
     # ------------------------------------------------------------------ results
-    def onResultClicked(self, index) -> None:
-        table = self._parameterNode.resultTable if self._parameterNode else None
-        if table is None or not index.isValid():
-            return
-        self.showFinding(self.logic.lib.finding_at_row(table, index.row()))
+    def onSceneNodeAdded(self, caller, event) -> None:
+        self.updateInputSelectorFilter()
 
-    def showFinding(self, finding: str) -> None:
-        if not finding:
-            return
-        p = self._parameterNode
-        try:
-            self.logic.showMap(finding, opacity=p.opacity, threshold=p.threshold, table=p.resultTable)
-            p.shownFinding = finding
-        except MedAlignError as exc:
-            slicer.util.errorDisplay(str(exc))
+    def updateInputSelectorFilter(self) -> None:
+        """Hide MedAlign's own map volumes from the CT selector."""
+        proxy = self.ui.inputVolumeSelector.sortFilterProxyModel()
+        hidden = MedAlignLib.hidden_input_ids(slicer.mrmlScene)
+        if list(proxy.hiddenNodeIDs) != hidden:
+            proxy.hiddenNodeIDs = hidden
 
-    def onDisplayChanged(self, value=None) -> None:
+    def showStatus(self, message: str) -> None:
+        self.ui.statusLabel.text = message
+
+    def onResultSelectionChanged(self) -> None:
+        """Overlay the finding of the selected row (the view's current index, a sort-proxy index)."""
+        view, p = self.ui.resultsTableView, self._parameterNode
+        index = view.selectionModel().currentIndex() if view.selectionModel() else None
+        if p is None or self._display is None or index is None or not index.isValid():
+            return
+        row = view.sortFilterProxyModel().mapToSource(index).row()
+        finding = MedAlignLib.finding_at_view_row(p.resultTable, row)
+        if finding:
+            self._display.show(finding)
+
+    def showResults(self, table) -> None:
+        """A new results table, its top finding overlaid (one parameter node update)."""
         p = self._parameterNode
-        if p is not None and p.resultTable is not None and p.shownFinding:
-            self.showFinding(p.shownFinding)
+        with slicer.util.NodeModify(p.parameterNode):
+            p.resultTable = table
+            p.shownFinding = table.GetCellText(0, 0) if table.GetNumberOfRows() else ""
 
     def onHotspotToSegment(self) -> None:
         p = self._parameterNode
-        finding = p.shownFinding or self.logic.lib.finding_at_row(p.resultTable, 0)
+        finding = p.shownFinding or p.resultTable.GetCellText(0, 0)
         with slicer.util.tryWithErrorDisplay("Could not create the hotspot segment.", waitCursor=True):
             segmentation, segmentId = self.logic.hotspotToSegment(finding, threshold=p.threshold, table=p.resultTable)
             self.ui.statusLabel.text = f"Segment '{finding}' added to {segmentation.GetName()}."

@@ -8,13 +8,21 @@ Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer`
 from .background import BackgroundScreening
 from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
 from .dependencies import REQUIREMENTS, missing_dependencies, pip_requirements
-from .logic import TABLE_COLUMNS, ScreeningLogic, register_node_classes, threshold_value
+from .logic import TABLE_COLUMNS, ScreeningLogic, is_medalign_map, register_node_classes, threshold_value
 from .nodes import node_from_volume, volume_from_node
 from .report import describe_location, export_report
+from .results_view import (
+    DisplayController,
+    finding_at_view_row,
+    first_screenable_volume,
+    hidden_input_ids,
+    is_screenable_volume,
+)
 
 __all__ = [
     "BackgroundScreening",
     "COLOR_NODE_NAME",
+    "DisplayController",
     "REQUIREMENTS",
     "ScreeningLogic",
     "TABLE_COLUMNS",
@@ -22,7 +30,12 @@ __all__ = [
     "ensure_color_node",
     "export_report",
     "find_color_node",
+    "finding_at_view_row",
+    "first_screenable_volume",
+    "hidden_input_ids",
     "inferno_rgb",
+    "is_medalign_map",
+    "is_screenable_volume",
     "missing_dependencies",
     "node_from_volume",
     "pip_requirements",

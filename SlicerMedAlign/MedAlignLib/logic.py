@@ -72,6 +72,10 @@ class ScreeningLogic:
         """
         from medalign.inference.screener import screen as engine_screen
 
+        if is_medalign_map(volumeNode):
+            raise InputError(
+                f"'{volumeNode.GetName()}' is a MedAlign alignment map, not a CT; pick the CT it was computed from."
+            )
         volume = volume_from_node(volumeNode)
         result = engine_screen(volume, findings=findings, model=model, device=device, progress=progress, cancel=cancel)
         parameters = {
@@ -162,6 +166,11 @@ class ScreeningLogic:
 
         table_node = vtkMRMLTableNode()
         table_node.SetName(f"MedAlign results ({input_name})")
+        # Column names as the header, not as an editable row 0 that shifts every row by one
+        # (Slicer qMRMLTableModel.cxx:245-251, v5.8.1); read-only in every table view
+        # (vtkMRMLTableNode.h:111-113 "cannot be edited through the user interface").
+        table_node.SetUseColumnTitleAsColumnHeader(True)
+        table_node.SetLocked(True)
         table_node.SetAttribute(ROLE, "results")
         table_node.SetAttribute(RESULT_JSON, json.dumps(result.to_dict()))
         table_node.SetAttribute(PARAMETERS_JSON, json.dumps(parameters or {}))
@@ -248,9 +257,13 @@ class ScreeningLogic:
         return out
 
     def map_node(self, finding: str, table=None):
+        table = self._table(table)
         for name, node in self.map_nodes(table).items():
             if name.lower() == finding.lower():
                 return node
+        listed = {table.GetCellText(row, 0).lower() for row in range(table.GetNumberOfRows())}
+        if finding.lower() in listed:
+            raise InputError(f"The map of '{finding}' is no longer in the scene; screen the volume again to see it.")
         raise InputError(f"The results have no map for '{finding}'.")
 
     @staticmethod
@@ -324,15 +337,14 @@ class ScreeningLogic:
 
     # ------------------------------------------------------------------ segments
     def hotspot_to_segment(self, finding, segmentationNode=None, table=None, threshold: float | None = None):
-        """Turn the connected map region around a finding's peak into a segment.
+        """Turn a finding's hotspot region into a segment.
 
-        The region is the connected component containing the peak voxel among voxels at or
-        above the threshold (``threshold`` as a fraction of the peak, None: the hotspot's
-        own). The segment, named after the finding, replaces one of the same name in
-        ``segmentationNode`` (default: the results' segmentation, created on first use).
-        Returns ``(segmentationNode, segmentId)``.
+        The region is the engine's hotspot (``hotspot_of``: the connected voxels around the
+        map's peak at or above ``threshold`` x peak; None: the engine's default fraction),
+        so the segment is exactly the region the results table reports. The segment, named
+        after the finding, replaces one of the same name in ``segmentationNode`` (default:
+        the results' segmentation, created on first use). Returns ``(segmentationNode, segmentId)``.
         """
-        from scipy import ndimage
         from slicer import vtkOrientedImageData
 
         map_node = finding if hasattr(finding, "GetID") else self.map_node(finding, table)
@@ -340,17 +352,9 @@ class ScreeningLogic:
         table = map_node.GetNodeReference(REF_RESULTS)
         input_node = map_node.GetNodeReference(REF_INPUT)
         volume = volume_from_node(map_node)
-        array = np.nan_to_num(volume.array, nan=-np.inf)
-        peak_index = np.unravel_index(int(np.argmax(array)), array.shape)
-        peak = float(array[peak_index])
-        if threshold is None:
-            hotspot = json.loads(map_node.GetAttribute(HOTSPOT_JSON) or "null")
-            value = hotspot["threshold"] if hotspot else threshold_value(*_finite_range(array), 0.5)
-        else:
-            value = threshold_value(*_finite_range(array), threshold)
-        value = min(value, peak)
-        labels, _count = ndimage.label(array >= value)
-        mask = (labels == labels[peak_index]).astype(np.uint8)
+        mask = _hotspot_mask(volume, threshold)
+        if mask is None:
+            raise InputError(f"The map of '{name}' has no positive value, so it has no hotspot to turn into a segment.")
 
         labelmap = image_data_from_array(mask, vtkOrientedImageData)
         labelmap.SetImageToWorldMatrix(numpy_to_matrix(volume.ijk_to_ras))
@@ -421,9 +425,36 @@ def register_node_classes(scene) -> None:
         scene.RegisterNodeClass(vtkMRMLColorLegendDisplayNode())
 
 
+def is_medalign_map(node) -> bool:
+    """True for the alignment-map volumes MedAlign creates (never a CT to screen)."""
+    return node is not None and node.GetAttribute(ROLE) == "map"
+
+
+def _hotspot_mask(volume, threshold: float | None) -> np.ndarray | None:
+    """uint8 [k, j, i] mask of the engine's hotspot region; None when the engine finds none.
+
+    The rule (peak, threshold, extent) is the engine's ``hotspot_of``; here only its region
+    is drawn: the connected component of voxels >= its threshold that holds its peak.
+    """
+    from scipy import ndimage
+
+    from medalign.inference.screener import hotspot_of
+
+    hotspot = hotspot_of(volume) if threshold is None else hotspot_of(volume, float(threshold))
+    if hotspot is None:
+        return None
+    ras_to_ijk = np.linalg.inv(volume.ijk_to_ras)
+    i, j, k = np.rint((ras_to_ijk @ np.r_[hotspot.ras, 1.0])[:3]).astype(int)
+    labels, _count = ndimage.label(np.nan_to_num(volume.array, nan=-np.inf) >= hotspot.threshold)
+    if not labels[k, j, i]:
+        return None
+    return (labels == labels[k, j, i]).astype(np.uint8)
+
+
 def threshold_value(lo: float, hi: float, fraction: float) -> float:
-    """Map value for ``fraction`` of a map: a fraction of the peak when the peak is positive
-    (the engine's hotspot rule), else that fraction of the way from the minimum to the peak."""
+    """Where the map's colour window starts for a slider ``fraction`` (display only; segments
+    use the engine's ``hotspot_of``): that fraction of the peak when the peak is positive,
+    else that fraction of the way from the minimum to the peak."""
     fraction = float(min(1.0, max(0.0, fraction)))
     if hi > 0:
         return fraction * hi

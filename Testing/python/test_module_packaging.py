@@ -165,6 +165,84 @@ def test_catalog_entry_follows_the_extensions_index_schema():
     assert entry["scm_url"] in cmake  # the homepage is the repository
 
 
+# Slicer/ExtensionsIndex scripts/check_description_files.py at c60064455aaac6595daeca81f47c7ead214dc2fb,
+# lines 798-860 (ACCEPTED_EXTENSION_CATEGORIES; check_category, lines 168-172, rejects any other category).
+ACCEPTED_EXTENSION_CATEGORIES = (
+    "Active Learning", "Analysis", "Auto3dgm", "BigImage", "Cardiac", "Chest Imaging Platform", "Conda",
+    "Converters", "DICOM", "DSCI", "Developer Tools", "Diffusion", "Examples", "Exporter", "FTV Segmentation",
+    "Filtering", "Filtering.Morphology", "Filtering.Vesselness", "Holographic Display", "Image Synthesis", "IGT",
+    "Informatics", "Netstim", "Neuroimaging", "Nuclear Medicine", "Orthodontics", "Osteotomy Planning",
+    "Otolaryngology", "Photogrammetry", "Pipelines", "Planning", "Printing", "Quantification", "Radiotherapy",
+    "Registration", "Remote", "Rendering", "SPHARM", "Segmentation", "Sequences", "Shape Analysis",
+    "Shape Regression", "Shape Visualization", "Simulation", "SlicerCMF", "SlicerMorph", "Spectral Imaging",
+    "Supervisely", "Surface Models", "SurfaceLearner", "Tomographic Reconstruction", "Tracking", "Tractography",
+    "Training", "Ultrasound", "Utilities", "Vascular Modeling Toolkit", "Virtual Reality", "VisSimTools",
+    "Web System Tools", "Wizards",
+)
+
+
+def _module_assignment(attribute: str) -> ast.expr:
+    """The value assigned to ``self.parent.<attribute>`` in the MedAlign module class."""
+    for node in ast.walk(_module_tree()):
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Attribute):
+            target = node.targets[0]
+            if target.attr == attribute and getattr(target.value, "attr", None) == "parent":
+                return node.value
+    raise AssertionError(f"MedAlign.py never sets self.parent.{attribute}")
+
+
+def test_catalog_category_and_contributors_agree_everywhere():
+    cmake = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
+    category = re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', cmake).group(1)
+    assert json.loads((REPO / "MedAlign.json").read_text(encoding="utf-8"))["category"] == category
+    assert category in ACCEPTED_EXTENSION_CATEGORIES, f"the Extensions Index rejects category {category!r}"
+    (call,) = _module_assignment("categories").elts  # [translate("qSlicerAbstractCoreModule", category)]
+    assert call.func.id == "translate" and [a.value for a in call.args] == ["qSlicerAbstractCoreModule", category]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert f"(category *{category}*)" in readme
+
+    import tomllib
+
+    contributors = re.search(r'set\(EXTENSION_CONTRIBUTORS "([^"]+)"\)', cmake).group(1)
+    assert [e.value for e in _module_assignment("contributors").elts] == [contributors]
+    authors = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["authors"]
+    assert [a["name"] for a in authors] == [contributors] == ["SlicerMedAlign contributors"]
+
+
+def test_help_and_acknowledgement_are_marked_for_translation():
+    """Each text is one literal inside ``_()`` as in Slicer's module template, so lupdate can extract it."""
+    for attribute in ("helpText", "acknowledgementText"):
+        value = _module_assignment(attribute)
+        assert isinstance(value, ast.Call) and value.func.id == "_", f"{attribute} is not wrapped in _()"
+        assert len(value.args) == 1 and isinstance(value.args[0], ast.Constant), f"{attribute}: not one literal"
+    imports = {(n.module, a.name, a.asname) for n in _module_tree().body if isinstance(n, ast.ImportFrom)
+               for a in n.names}
+    assert ("MedAlignLib.i18n", "tr", "_") in imports and ("MedAlignLib.i18n", "translate", None) in imports
+
+
+def test_translation_functions_fall_back_without_slicer_i18n():
+    """slicer-core (like Slicer < 5.4) has no slicer.i18n: the texts stay as written."""
+    sys.path.insert(0, str(MODULE_DIR))
+    from MedAlignLib import i18n
+
+    try:
+        import slicer.i18n  # noqa: F401
+    except ImportError:
+        assert i18n.tr("Screen {count} findings") == "Screen {count} findings"
+        assert i18n.translate("qSlicerAbstractCoreModule", "Quantification") == "Quantification"
+    else:  # inside Slicer: the real functions, re-exported unwrapped (tr reads its caller's file name)
+        assert i18n.tr is slicer.i18n.tr and i18n.translate is slicer.i18n.translate
+
+
+def test_parameter_gui_is_connected_with_a_tag_that_slicer_5_8_returns():
+    """connectGui returns None before Slicer 5.10 (wrapper.py:253 at v5.8.1); connectParametersToGui
+    returns the tag in 5.8 (wrapper.py:213) and later, so disconnectGui can remove what was connected."""
+    calls = {n.func.attr for n in ast.walk(_module_tree()) if isinstance(n, ast.Call)
+             and isinstance(n.func, ast.Attribute)}
+    assert "connectGui" not in calls
+    assert {"connectParametersToGui", "disconnectGui"} <= calls
+
+
 def test_icon_is_a_128_pixel_png():
     data = (MODULE_DIR / "Resources" / "Icons" / "MedAlign.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"

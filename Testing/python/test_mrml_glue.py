@@ -336,6 +336,7 @@ def test_saved_scene_reloads_with_results_and_parameters(screened, tmp_path):
     assert other.io_manager.load_scene(bundle)
     (table,) = reloaded_logic.results_tables()
     assert table.GetNumberOfRows() == len(FINDINGS)
+    assert table.GetUseColumnTitleAsColumnHeader() and table.GetLocked()  # saved with the scene
     assert json.loads(table.GetAttribute(glue.PARAMETERS_JSON))["findings"] == [f.name for f in result.findings]
     again = reloaded_logic.result_from_table(table)
     assert [(f.name, f.probability, f.flagged) for f in again.ranked()] == [

@@ -7,7 +7,7 @@ Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer`
 
 from .background import BackgroundScreening
 from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
-from .dependencies import REQUIREMENTS, missing_dependencies, pip_requirements
+from .dependencies import REQUIREMENTS, dependency_problems, missing_dependencies, pip_requirements, plan_install
 from .logic import TABLE_COLUMNS, ScreeningLogic, register_node_classes, threshold_value
 from .nodes import node_from_volume, volume_from_node
 from .report import describe_location, export_report
@@ -18,6 +18,7 @@ __all__ = [
     "REQUIREMENTS",
     "ScreeningLogic",
     "TABLE_COLUMNS",
+    "dependency_problems",
     "describe_location",
     "ensure_color_node",
     "export_report",
@@ -26,6 +27,7 @@ __all__ = [
     "missing_dependencies",
     "node_from_volume",
     "pip_requirements",
+    "plan_install",
     "register_node_classes",
     "threshold_value",
     "volume_from_node",

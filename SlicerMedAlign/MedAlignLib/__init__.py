@@ -10,16 +10,24 @@ from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno
 from .dependencies import REQUIREMENTS, dependency_problems, missing_dependencies, pip_requirements, plan_install
 from .logic import TABLE_COLUMNS, ScreeningLogic, register_node_classes, threshold_value
 from .nodes import node_from_volume, volume_from_node
+from .processes import PopenProcess, end_process_tree
 from .report import describe_location, export_report
+from .run_controller import BusyError, RunController, RunOutcome, RunState
 
 __all__ = [
     "BackgroundScreening",
+    "BusyError",
     "COLOR_NODE_NAME",
+    "PopenProcess",
     "REQUIREMENTS",
+    "RunController",
+    "RunOutcome",
+    "RunState",
     "ScreeningLogic",
     "TABLE_COLUMNS",
     "dependency_problems",
     "describe_location",
+    "end_process_tree",
     "ensure_color_node",
     "export_report",
     "find_color_node",

@@ -175,7 +175,7 @@ def test_run_through_a_launcher_creates_nodes_and_leaves_views_alone_when_panel_
     controller.start(node, FINDINGS, model=registered_tiny, device="cpu")
     work_dir = controller.job.work_dir
     assert controller.state is RunState.RUNNING
-    pump_until(controller, lambda: panel.outcomes)
+    assert controller.wait(240) and controller.state is RunState.IDLE
 
     (outcome,) = panel.outcomes
     assert outcome.status == "done", outcome.message

@@ -8,6 +8,8 @@ installed on first use, after one confirmation, never at import.
 import importlib
 import logging
 import os
+import tempfile
+import time
 from typing import Annotated
 
 import qt
@@ -24,7 +26,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 import MedAlignLib
-from medalign.core.errors import CancelledError, MedAlignError
+from medalign.core.errors import MedAlignError
 from MedAlignLib.i18n import tr as _
 from MedAlignLib.i18n import translate
 
@@ -98,10 +100,60 @@ class MedAlignParameterNode:
 #
 
 
-def _text(byteArray) -> str:
-    """QByteArray from QProcess -> str (PythonQt returns bytes from ``data()``)."""
+def _bytes(byteArray) -> bytes:
+    """QByteArray from QProcess -> bytes (PythonQt's ``data()`` gives bytes)."""
     data = byteArray.data() if hasattr(byteArray, "data") else bytes(byteArray)
-    return data.decode("utf-8", errors="replace") if isinstance(data, bytes) else str(data)
+    return data if isinstance(data, bytes) else str(data).encode("utf-8")
+
+
+class QtChildProcess:
+    """``MedAlignLib.processes.ChildProcess`` on ``qt.QProcess``: the run controller's events
+    come from the Qt event loop. A program that cannot start is reported through
+    ``errorOccurred(FailedToStart)`` and never through ``finished`` (Qt emits ``finished``
+    only for a process that was running), so both signals end a run."""
+
+    def __init__(self) -> None:
+        self._process = None
+
+    def start(self, argv, env, events) -> None:
+        process = qt.QProcess()
+        environment = qt.QProcessEnvironment()  # env is complete (os.environ + the child's settings)
+        for key, value in env.items():
+            environment.insert(key, value)
+        process.setProcessEnvironment(environment)
+        process.connect("readyReadStandardOutput()", lambda: events.on_stdout(_bytes(process.readAllStandardOutput())))
+        process.connect("readyReadStandardError()", lambda: events.on_stderr(_bytes(process.readAllStandardError())))
+        process.connect("finished(int,QProcess::ExitStatus)", lambda code, status: self._finished(events, code, status))
+        process.connect("errorOccurred(QProcess::ProcessError)", lambda error: self._error(events, error))
+        self._process = process
+        process.start(argv[0], list(argv[1:]))
+
+    def _finished(self, events, exitCode, exitStatus) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        events.on_stdout(_bytes(process.readAllStandardOutput()))
+        events.on_stderr(_bytes(process.readAllStandardError()))
+        events.on_finished(int(exitCode), exitStatus == qt.QProcess.CrashExit)
+        process.deleteLater()  # not deleted inside its own signal
+
+    def _error(self, events, error) -> None:
+        if error != qt.QProcess.FailedToStart or self._process is None:
+            return  # Crashed is followed by finished(CrashExit)
+        process, self._process = self._process, None
+        events.on_failed_to_start(process.errorString())
+        process.deleteLater()
+
+    def pid(self):
+        """The child's pid; waits out the short Starting state, where Qt reports pid 0."""
+        if self._process is not None and self._process.state() == qt.QProcess.Starting:
+            self._process.waitForStarted(5000)  # may report FailedToStart, which ends the run
+        return int(self._process.processId()) or None if self._process is not None else None
+
+    def wait_finished(self, timeout_s: float) -> bool:
+        if self._process is not None:
+            self._process.waitForFinished(int(timeout_s * 1000))
+        return self._process is None
 
 
 class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -111,10 +163,8 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._display = None
-        self._process = None
-        self._job = None
-        self._cancelRequested = False
+        self._display = None  # MedAlignLib.DisplayController: the overlay follows the parameter node
+        self.runs = None  # MedAlignLib.RunController: every decision about a run
         self._updatingFindings = False
 
     # ------------------------------------------------------------------ setup
@@ -125,6 +175,9 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = MedAlignLogic()
+        self.runs = MedAlignLib.RunController(
+            self.logic.lib, QtChildProcess, on_progress=self.onRunProgress, on_state=self.onRunState,
+            on_done=self.onRunDone, panel_active=lambda: bool(self.parent.isEntered))
 
         self.ui.progressBar.setVisible(False)
         self.ui.progressBar.setRange(0, 1000)
@@ -137,6 +190,7 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodeAdded)
+        slicer.app.connect("aboutToQuit()", self.onAboutToQuit)
 
         self.ui.screenButton.connect("clicked(bool)", self.onScreenButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
@@ -155,12 +209,14 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.disconnectParameterNode()
+        self.onAboutToQuit()
+        slicer.app.disconnect("aboutToQuit()", self.onAboutToQuit)
         self.removeObservers()
-        if self._process is not None:
-            self._cancelRequested = True
-            self._process.kill()
-        if self._job is not None:
-            self._job.cleanup()
+
+    def onAboutToQuit(self) -> None:
+        """Slicer is closing (or the module reloads): no screening process may outlive it."""
+        if self.runs is not None:
+            self.runs.cancel("Slicer is closing; screening was cancelled.")
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -169,6 +225,8 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
+        if self.runs is not None:  # the controller observes the scene too; this is idempotent
+            self.runs.cancel("The scene was closed; screening was cancelled and nothing was created.")
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -239,9 +297,11 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingFindings = False
         if self.ui.resultsTableView.mrmlTableNode() is not p.resultTable:
             self.ui.resultsTableView.setMRMLTableNode(p.resultTable)
-        running = self._process is not None
+        running = self.runs is not None and self.runs.running
+        installing = self.runs is not None and self.runs.state is MedAlignLib.RunState.INSTALLING
         self.ui.screenButton.text = "Cancel" if running else "Screen"
-        self.ui.screenButton.enabled = running or bool(p.inputVolume)
+        self.ui.screenButton.enabled = not installing and (running or bool(p.inputVolume))
+        self.ui.progressBar.setVisible(running)
         hasResults = p.resultTable is not None
         self.ui.hotspotToSegmentButton.enabled = hasResults and not running
         self.ui.exportButton.enabled = hasResults and not running
@@ -281,72 +341,50 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ screening
     def onScreenButton(self) -> None:
-        if self._process is not None:  # the button reads "Cancel" while a run is going
-            self._cancelRequested = True
+        """Screen, or Cancel while a run is going (the button's text says which)."""
+        if self.runs.running:
             self.ui.statusLabel.text = "Cancelling..."
-            self._process.kill()
+            self.runs.cancel()
             return
+        # Any error (not only MedAlignError) gets a dialog; the controller has already
+        # removed the work folder and is idle again when it propagates.
+        with slicer.util.tryWithErrorDisplay("Could not start the screening.", waitCursor=True):
+            self.startScreening()
+
+    def startScreening(self) -> None:
         p = self._parameterNode
-        try:
-            if not self.logic.installDependencies(askConfirmation=True):
-                self.ui.statusLabel.text = "MedAlign needs its Python packages to screen."
-                return
-            if self.ui.findingsListWidget.count == 0:
-                self.populateFindings()
-                self.updateGUIFromParameterNode()
-            findings = self.logic.findingList(list(p.findings), p.customFindings)
-            self._job = self.logic.backgroundScreening(p.inputVolume, findings, p.model, p.device)
-            argv = self._job.command()
-        except MedAlignError as exc:
-            slicer.util.errorDisplay(str(exc))
+        with self.runs.installing():  # a click while pip runs (Slicer 5.8 processes events) is refused
+            installed = self.logic.installDependencies(askConfirmation=True)
+        if not installed:
+            self.ui.statusLabel.text = "MedAlign needs its Python packages to screen."
             return
-        process = qt.QProcess()
-        environment = qt.QProcessEnvironment.systemEnvironment()
-        for key, value in self._job.environment().items():
-            environment.insert(key, value)
-        process.setProcessEnvironment(environment)
-        process.connect("readyReadStandardOutput()", self.onProcessOutput)
-        process.connect("finished(int,QProcess::ExitStatus)", self.onProcessFinished)
-        self._process = process
-        self._cancelRequested = False
-        self.ui.progressBar.value = 0
-        self.ui.progressBar.setVisible(True)
-        self.ui.statusLabel.text = "Starting..."
-        self.updateGUIFromParameterNode()
-        process.start(argv[0], argv[1:])
-
-    def onProcessOutput(self) -> None:
-        if self._process is None or self._job is None:
-            return
-        for fraction, message in self._job.feed(_text(self._process.readAllStandardOutput())):
-            self.ui.progressBar.value = int(round(1000 * fraction))
-            self.ui.statusLabel.text = message
-
-    def onProcessFinished(self, exitCode, exitStatus) -> None:
-        process, job = self._process, self._job
-        self._process, self._job = None, None
-        self.onProcessOutputFrom(process, job)
-        stderr = _text(process.readAllStandardError())
-        crashed = exitStatus == qt.QProcess.CrashExit
-        try:
-            table = job.finish(-9 if crashed else int(exitCode), stderr, self.logic.lib,
-                               cancelled=self._cancelRequested)
-            self.showResults(table)
-            warnings = self.logic.lib.result_from_table(table, load_maps=False).warnings
-            self.ui.statusLabel.text = " ".join([f"Screened {table.GetNumberOfRows()} findings.", *warnings])
-        except CancelledError:
-            self.ui.statusLabel.text = "Cancelled; nothing was created."
-        except MedAlignError as exc:
-            self.ui.statusLabel.text = str(exc)
-            slicer.util.errorDisplay(str(exc))
-        finally:
-            self.ui.progressBar.setVisible(False)
-            self._cancelRequested = False
+        if self.ui.findingsListWidget.count == 0:
+            self.populateFindings()
             self.updateGUIFromParameterNode()
+        findings = self.logic.findingList(list(p.findings), p.customFindings)
+        self.runs.logic = self.logic.lib
+        self.runs.start(p.inputVolume, findings, p.model, p.device)
 
-    def onProcessOutputFrom(self, process, job) -> None:
-        for _fraction, message in job.feed(_text(process.readAllStandardOutput()) + "\n"):
-            self.ui.statusLabel.text = message
+    def onRunProgress(self, fraction: float, message: str) -> None:
+        self.ui.progressBar.value = int(round(1000 * fraction))
+        self.ui.statusLabel.text = message
+
+    def onRunState(self, state) -> None:
+        self.updateGUIFromParameterNode()
+
+    def onRunDone(self, outcome) -> None:
+        """Results into the parameter node; the map only if the panel is shown (decided by
+        the controller: a run ending while the user is elsewhere leaves their views alone)."""
+        p = self._parameterNode
+        if outcome.table is not None and p is not None:
+            if outcome.show_finding:
+                self.showResults(outcome.table)
+            else:
+                p.resultTable = outcome.table
+        self.ui.statusLabel.text = outcome.message
+        if outcome.status == "failed":
+            slicer.util.errorDisplay(outcome.message)  # only logged in testing mode
+        self.updateGUIFromParameterNode()
 
     # ------------------------------------------------------------------ results
     def onSceneNodeAdded(self, caller, event) -> None:
@@ -424,45 +462,54 @@ class MedAlignLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ dependencies
     def missingDependencies(self) -> list:
+        """Import names of required packages that are missing or too old."""
         return MedAlignLib.missing_dependencies()
 
     def installDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install missing packages after ONE confirmation; False if the user declines."""
-        missing = self.missingDependencies()
-        if not missing:
+        """Install what is missing or too old after ONE confirmation; False if the user declines.
+
+        The plan comes from ``MedAlignLib.dependencies`` (tested without Slicer): torch only
+        through the PyTorch extension, numpy/SimpleITK/torch never replaced by pip (a
+        constraints file pins them), anything it may not fix is one sentence.
+        """
+        deps = MedAlignLib.dependencies
+        problems = deps.dependency_problems()
+        if not problems:
             return True
-        listed = ", ".join(MedAlignLib.REQUIREMENTS[name] for name in missing)
+        plan = deps.plan_install(problems, torch_extension=deps.torch_extension_available())
+        if plan.refused:
+            raise MedAlignError(" ".join(plan.refused))
+        listed = ", ".join(problem.describe() for problem in problems)
         if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            f"MedAlign needs Python packages that are not installed yet: {listed}.\n\n"
+            f"MedAlign needs Python packages that are missing or too old: {listed}.\n\n"
             "Install them now? PyTorch alone is a large download; this can take several minutes.",
             windowTitle="MedAlign: install dependencies",
         ):
             return False
         with slicer.util.WaitCursor():
-            if MedAlignLib.dependencies.TORCH in missing:
-                self._installTorch()
-            requirements = MedAlignLib.pip_requirements(missing)
-            if requirements:
-                slicer.util.pip_install(requirements)
+            if plan.torch:
+                self._installTorch(plan.torch)
+            if plan.pip:
+                with tempfile.TemporaryDirectory(prefix="medalign-pip-") as folder:
+                    # a list reaches pip unchanged in Slicer 5.8 (util.py pip_install) and later (packaging.py)
+                    slicer.util.pip_install([*plan.pip, "-c", str(deps.write_constraints(folder))])
         importlib.invalidate_caches()
-        still = self.missingDependencies()
+        still = deps.dependency_problems()
         if still:
-            raise MedAlignError(f"Could not install {', '.join(still)}; see the Python console for pip's message.")
+            raise MedAlignError(f"Could not install {', '.join(p.describe() for p in still)}; "
+                                "see the Python console for pip's message.")
         return True
 
     @staticmethod
-    def _installTorch() -> None:
-        """PyTorch through the PyTorch extension (picks the right CUDA build) when present."""
-        try:
-            import PyTorchUtils
-        except ImportError:
-            logging.info("MedAlign: PyTorch extension not found; installing torch with pip.")
-            slicer.util.pip_install(MedAlignLib.REQUIREMENTS["torch"])
-            return
+    def _installTorch(versionRequirement: str) -> None:
+        """PyTorch through the PyTorch extension, which picks the build for the machine's GPU."""
+        import PyTorchUtils
+
         # The user already confirmed the whole installation once: no second dialog here.
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=">=2.1")
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
+                                                              torchVersionRequirement=versionRequirement)
         if torch is None:
-            raise MedAlignError("PyTorch could not be installed; install it from the PyTorch module and try again.")
+            raise MedAlignError("PyTorch could not be installed; install it from the PyTorch Utils module and try again.")
 
     # ------------------------------------------------------------------ choices
     @staticmethod
@@ -525,33 +572,95 @@ class MedAlignLogic(ScriptedLoadableModuleLogic):
 
 
 class MedAlignTest(ScriptedLoadableModuleTest):
-    """Screens a synthetic chest CT through the module logic, as a user of the console would."""
+    """Screens a synthetic chest CT as a console user would, then drives the panel: Screen,
+    click each row, Cancel mid-run. The decisions are MedAlignLib.RunController's, tested
+    headless in Testing/python/test_run_controller.py; this is a thin driver of the Qt side.
+    Without the Python packages it skips inference and says why (no network install in a test)."""
 
     FINDINGS = ["Lung nodule", "Pleural effusion", "Cardiomegaly"]
+    TIMEOUT_S = 600
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        if self.skippedForDependencies():
+            return
         self.setUp()
         self.test_ScreenPhantom()
+        self.setUp()
+        self.test_PanelScreenRowsAndCancel()
+
+    def skippedForDependencies(self) -> bool:
+        problems = MedAlignLib.dependency_problems()
+        if problems:
+            message = ("MedAlign self-test: inference skipped, these Python packages are missing or too old: "
+                       + ", ".join(problem.describe() for problem in problems)
+                       + ". Press Screen once in the MedAlign panel to install them, then rerun the test.")
+            logging.warning(message)
+            self.delayDisplay(message)
+        return bool(problems)
+
+    def loadPhantom(self):
+        from medalign.core.volume_io import write_volume
+        from medalign.synth.phantoms import make_phantom
+
+        phantom = make_phantom(seed=11, labels={"Lung nodule": 1, "Pleural effusion": 1, "Cardiomegaly": 0},
+                               spacing=(2.0, 2.0, 4.0))
+        path = os.path.join(slicer.app.temporaryPath, "MedAlignTestPhantom.nii.gz")
+        write_volume(phantom.volume, path)
+        return slicer.util.loadVolume(path)
+
+    def waitUntil(self, condition, what: str) -> None:
+        deadline = time.monotonic() + self.TIMEOUT_S
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, f"timed out waiting for {what}")
+            slicer.app.processEvents()
+            time.sleep(0.02)
+
+    def test_PanelScreenRowsAndCancel(self):
+        import psutil
+
+        slicer.util.selectModule("MedAlign")
+        widget = slicer.modules.medalign.widgetRepresentation().self()
+        volumeNode = self.loadPhantom()
+        p = widget._parameterNode
+        p.inputVolume, p.findings, p.customFindings, p.device = volumeNode, self.FINDINGS, "", "cpu"
+
+        self.delayDisplay("Screen from the panel")
+        widget.ui.screenButton.click()
+        self.waitUntil(lambda: not widget.runs.running, "the screening to end")
+        self.assertEqual(widget.runs.last_outcome.status, "done", widget.runs.last_outcome.message)
+        table = p.resultTable
+        self.assertEqual(table.GetNumberOfRows(), len(self.FINDINGS))
+        lib = widget.logic.lib
+        for row in range(table.GetNumberOfRows()):
+            widget.onResultClicked(widget.ui.resultsTableView.model().index(row, 0))
+            mapNode = lib.map_node(lib.finding_at_row(table, row), table)
+            for name in ("Red", "Yellow", "Green"):
+                composite = slicer.app.layoutManager().sliceWidget(name).sliceLogic().GetSliceCompositeNode()
+                self.assertEqual(composite.GetForegroundVolumeID(), mapNode.GetID())
+
+        self.delayDisplay("Cancel mid-run")
+        nodesBefore = {node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLNode")}
+        widget.ui.screenButton.click()
+        self.waitUntil(lambda: widget.runs.process is not None and widget.runs.process.pid(), "the child to start")
+        root = psutil.Process(widget.runs.process.pid())
+        self.waitUntil(lambda: widget.ui.progressBar.value > 0, "the first progress line")
+        pids = [root.pid] + [child.pid for child in root.children(recursive=True)]
+        widget.ui.screenButton.click()  # reads "Cancel" while running
+        self.assertFalse(widget.runs.running)
+        self.assertEqual(widget.runs.last_outcome.status, "cancelled")
+        self.waitUntil(lambda: not any(psutil.pid_exists(pid) for pid in pids), "the process tree to end")
+        self.assertEqual({node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLNode")}, nodesBefore)
+        self.delayDisplay("Panel test passed")
 
     def test_ScreenPhantom(self):
         import numpy as np
 
         logic = slicer.util.getModuleLogic("MedAlign")  # what console users get
-        self.delayDisplay("Checking Python dependencies")
-        self.assertTrue(logic.installDependencies(askConfirmation=False))
-
-        from medalign.core.volume_io import write_volume
-        from medalign.synth.phantoms import make_phantom
-
         self.delayDisplay("Loading a synthetic chest CT")
-        phantom = make_phantom(seed=11, labels={"Lung nodule": 1, "Pleural effusion": 1, "Cardiomegaly": 0},
-                               spacing=(2.0, 2.0, 4.0))
-        path = os.path.join(slicer.app.temporaryPath, "MedAlignTestPhantom.nii.gz")
-        write_volume(phantom.volume, path)
-        volumeNode = slicer.util.loadVolume(path)
+        volumeNode = self.loadPhantom()
         before = slicer.util.arrayFromVolume(volumeNode).copy()
         matrixBefore = vtk.vtkMatrix4x4()
         volumeNode.GetIJKToRASMatrix(matrixBefore)

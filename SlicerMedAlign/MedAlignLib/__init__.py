@@ -7,9 +7,10 @@ Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer`
 
 from .background import BackgroundScreening
 from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
-from .dependencies import REQUIREMENTS, missing_dependencies, pip_requirements
+from .dependencies import REQUIREMENTS, dependency_problems, missing_dependencies, pip_requirements, plan_install
 from .logic import TABLE_COLUMNS, ScreeningLogic, is_medalign_map, register_node_classes, threshold_value
 from .nodes import node_from_volume, volume_from_node
+from .processes import PopenProcess, end_process_tree
 from .report import describe_location, export_report
 from .results_view import (
     DisplayController,
@@ -18,15 +19,23 @@ from .results_view import (
     hidden_input_ids,
     is_screenable_volume,
 )
+from .run_controller import BusyError, RunController, RunOutcome, RunState
 
 __all__ = [
     "BackgroundScreening",
+    "BusyError",
     "COLOR_NODE_NAME",
     "DisplayController",
+    "PopenProcess",
     "REQUIREMENTS",
+    "RunController",
+    "RunOutcome",
+    "RunState",
     "ScreeningLogic",
     "TABLE_COLUMNS",
+    "dependency_problems",
     "describe_location",
+    "end_process_tree",
     "ensure_color_node",
     "export_report",
     "find_color_node",
@@ -39,6 +48,7 @@ __all__ = [
     "missing_dependencies",
     "node_from_volume",
     "pip_requirements",
+    "plan_install",
     "register_node_classes",
     "threshold_value",
     "volume_from_node",

@@ -87,7 +87,8 @@ class BackgroundScreening:
         from medalign.core.volume_io import write_volume
 
         if not self.input_path.exists():
-            write_volume(volume_from_node(self.volume_node), self.input_path)
+            # Raw, not gzip: this runs on the GUI thread and the child reads the file once.
+            write_volume(volume_from_node(self.volume_node), self.input_path, compress=False)
         argv = [self.python, "-m", "medalign.cli", "screen", str(self.input_path), "--out", str(self.out_dir),
                 "--device", self.device, "--progress-lines"]
         if self.model:
@@ -98,12 +99,15 @@ class BackgroundScreening:
         return argv
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
-        """Environment for the child: the engine's folder first on PYTHONPATH, unbuffered output."""
+        """Environment for the child: the engine's folder first on PYTHONPATH, unbuffered UTF-8
+        output (``PYTHONUTF8``: a finding or path with non-ASCII letters must not turn into a
+        UnicodeEncodeError on a Windows code page)."""
         env = dict(os.environ if base is None else base)
         root = str(_engine_root())
         paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
         env["PYTHONPATH"] = os.pathsep.join([root] + paths)
         env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONUTF8"] = "1"
         return env
 
     # ------------------------------------------------------------------ progress
@@ -134,13 +138,33 @@ class BackgroundScreening:
                 return line[len("medalign: error:"):].strip()
         return lines[-1] if lines else "The screening process failed without a message."
 
-    def finish(self, exit_code: int, stderr: str, logic, cancelled: bool = False):
-        """Load the results into ``logic`` (a ``ScreeningLogic``) and return the results table node."""
+    @staticmethod
+    def stderr_tail(stderr: str, lines: int = 3) -> str:
+        """The last non-empty lines of the child's stderr, joined with ' | ' (for one sentence)."""
+        kept = [line.strip() for line in stderr.splitlines() if line.strip()][-lines:]
+        return " | ".join(kept) if kept else "no message on stderr"
+
+    def failure_message(self, exit_code: int, stderr: str, crashed: bool = False) -> str:
+        """One sentence for a child that did not succeed: its own reason when it gave one
+        (``medalign: error:``, exit 2), else how it ended plus the tail of its stderr."""
+        if crashed or exit_code < 0:
+            how = "crashed or was killed" + (f" (signal {-exit_code})" if exit_code < 0 else "")
+            return f"The screening process {how}: {self.stderr_tail(stderr)}."
+        if "medalign: error:" in stderr:
+            return self.error_message(stderr)
+        return f"The screening process failed (exit code {exit_code}): {self.stderr_tail(stderr)}."
+
+    def finish(self, exit_code: int, stderr: str, logic, cancelled: bool = False, crashed: bool = False):
+        """Load the results into ``logic`` (a ``ScreeningLogic``) and return the results table node.
+
+        ``cancelled`` says the user asked for the end; a child killed by anyone else (the
+        out-of-memory killer sends SIGKILL too) is a crash, reported with its stderr tail.
+        """
         try:
-            if cancelled or exit_code in (EXIT_CANCELLED, -9, -15) or exit_code < 0:
+            if cancelled or exit_code == EXIT_CANCELLED:
                 raise CancelledError("Screening was cancelled; nothing was created.")
-            if exit_code != EXIT_OK:
-                raise MedAlignError(self.error_message(stderr))
+            if crashed or exit_code != EXIT_OK:
+                raise MedAlignError(self.failure_message(exit_code, stderr, crashed))
             params = {"device": self.device}
             if self.model:
                 params["model"] = self.model

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .scene_queries import nodes_of_class
+
 COLOR_NODE_NAME = "MedAlign Inferno"
 # Node IDs / names real Slicer gives its own perceptual tables (preferred when present).
 _SLICER_INFERNO = ("vtkMRMLColorTableNodeFileInferno.txt", "Inferno")
@@ -37,9 +39,9 @@ def find_color_node(scene):
     if node is not None:
         return node
     for name in (_SLICER_INFERNO[1], COLOR_NODE_NAME):
-        nodes = scene.GetNodesByClassByName("vtkMRMLColorNode", name)
-        if nodes.GetNumberOfItems():
-            return nodes.GetItemAsObject(0)
+        nodes = nodes_of_class(scene, "vtkMRMLColorNode", name)
+        if nodes:
+            return nodes[0]
     return None
 
 

@@ -23,6 +23,7 @@ from medalign.inference.results import MIN_FLAG_AUC
 
 from .colors import build_color_node, find_color_node
 from .nodes import image_data_from_array, node_from_volume, numpy_to_matrix, volume_from_node
+from .scene_queries import nodes_of_class
 
 if TYPE_CHECKING:  # the engine's result types pull in nothing heavy, but keep import time minimal
     from medalign.inference.results import FindingResult, ScreeningResult
@@ -226,9 +227,7 @@ class ScreeningLogic:
     def results_tables(self, inputNode=None) -> list:
         """Results table nodes in the scene (optionally only those of ``inputNode``), oldest first."""
         tables = []
-        collection = self.scene.GetNodesByClass("vtkMRMLTableNode")
-        for index in range(collection.GetNumberOfItems()):
-            node = collection.GetItemAsObject(index)
+        for node in nodes_of_class(self.scene, "vtkMRMLTableNode"):
             if node.GetAttribute(ROLE) != "results":
                 continue
             if inputNode is not None and node.GetNodeReferenceID(REF_INPUT) != inputNode.GetID():
@@ -305,18 +304,16 @@ class ScreeningLogic:
             value = threshold_value(lo, hi, threshold)
         _style_map_display(display, value, hi)
         opacity = float(min(1.0, max(0.0, opacity)))
-        composites = self.scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
-        for index in range(composites.GetNumberOfItems()):
-            composite = composites.GetItemAsObject(index)
+        for composite in nodes_of_class(self.scene, "vtkMRMLSliceCompositeNode"):
             if input_node is not None:
                 composite.SetBackgroundVolumeID(input_node.GetID())
             composite.SetForegroundVolumeID(map_node.GetID())
             composite.SetForegroundOpacity(opacity)
         self._show_legend(map_node)
         if layout is not None:
-            layouts = self.scene.GetNodesByClass("vtkMRMLLayoutNode")
-            if layouts.GetNumberOfItems():
-                layouts.GetItemAsObject(0).SetViewArrangement(int(layout))
+            layouts = nodes_of_class(self.scene, "vtkMRMLLayoutNode")
+            if layouts:
+                layouts[0].SetViewArrangement(int(layout))
         return map_node
 
     def _show_legend(self, map_node) -> None:
@@ -324,9 +321,7 @@ class ScreeningLogic:
         from slicer import vtkSlicerColorLogic
 
         register_node_classes(self.scene)
-        collection = self.scene.GetNodesByClass("vtkMRMLColorLegendDisplayNode")
-        for index in range(collection.GetNumberOfItems()):
-            legend = collection.GetItemAsObject(index)
+        for legend in nodes_of_class(self.scene, "vtkMRMLColorLegendDisplayNode"):
             owner = legend.GetDisplayableNode()
             if owner is not None and owner.GetAttribute(ROLE) == "map" and owner is not map_node:
                 legend.SetVisibility(False)

@@ -21,6 +21,7 @@ import vtk
 from medalign.core.errors import MedAlignError
 
 from .logic import ScreeningLogic, is_medalign_map
+from .scene_queries import nodes_of_class
 
 # Parameter names of MedAlign.py's ``MedAlignParameterNode`` (the wrapper stores a float as
 # str(value), a str as is and a node as a reference of the same name: Slicer v5.8.1
@@ -67,19 +68,12 @@ def hidden_input_ids(scene) -> list[str]:
     ``hiddenNodeIDs``: qMRMLNodeComboBox's ``addAttribute`` can only require an attribute,
     not exclude one; Slicer v5.8.1 ``qMRMLNodeComboBox.h:134-146``,
     ``qMRMLSortFilterProxyModel.h:96-100``)."""
-    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-    items = (nodes.GetItemAsObject(index) for index in range(nodes.GetNumberOfItems()))
-    return [node.GetID() for node in items if not is_screenable_volume(node)]
+    return [node.GetID() for node in nodes_of_class(scene, "vtkMRMLScalarVolumeNode") if not is_screenable_volume(node)]
 
 
 def first_screenable_volume(scene):
     """The first volume the CT selector offers (None when there is none)."""
-    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
-    for index in range(nodes.GetNumberOfItems()):
-        node = nodes.GetItemAsObject(index)
-        if is_screenable_volume(node):
-            return node
-    return None
+    return next((node for node in nodes_of_class(scene, "vtkMRMLScalarVolumeNode") if is_screenable_volume(node)), None)
 
 
 # ---------------------------------------------------------------------- overlay

@@ -345,17 +345,110 @@ def test_mrml_glue_imports_only_what_slicer_core_provides():
         assert not bad, f"engine file {path.relative_to(MODULE_DIR)} imports {bad}"
 
 
+OFFLINE_LAYERS = ("training", "synth", "data", "evaluation")  # never run inside Slicer
+OPTIONAL_IMPORTS = {"packaging"}  # imported under `except ImportError` with a fallback (Slicer ships it)
+
+
+def screening_path_files() -> list[Path]:
+    """What runs for a Slicer screening: the glue, and the engine up to ``medalign screen``."""
+    engine = MODULE_DIR / "medalign"
+    files = sorted((MODULE_DIR / "MedAlignLib").glob("*.py")) + [engine / "__init__.py"]
+    for layer in ("core", "knowledge", "models", "inference"):
+        files += sorted((engine / layer).rglob("*.py"))
+    return files + [engine / "cli" / name for name in ("__init__.py", "__main__.py", "dispatch.py", "screen.py")]
+
+
+def third_party_imports(path: Path) -> set[str]:
+    local = {"medalign", "MedAlignLib", "slicer", "vtk", "vtkmodules", "qt", "ctk"}
+    return {m.split(".")[0] for m in _all_imports(path)} - set(sys.stdlib_module_names) - local
+
+
+def _slicer_dependencies():
+    sys.path.insert(0, str(MODULE_DIR))
+    from MedAlignLib import dependencies
+
+    return dependencies
+
+
 def test_installer_covers_every_engine_dependency():
+    """Rule: every pyproject dependency is installed by the Slicer module, unless only the
+    offline layers (evaluation, training, synth, data) import it; torch, numpy and
+    SimpleITK are never handed to pip."""
     import tomllib
 
-    sys.path.insert(0, str(MODULE_DIR))
-    from MedAlignLib.dependencies import REQUIREMENTS, pip_requirements
-
+    deps = _slicer_dependencies()
     declared = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     names = {re.split(r"[<>=!~\[; ]", d, maxsplit=1)[0].lower() for d in declared}
-    offered = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in REQUIREMENTS.values()}
-    assert names <= offered, f"pyproject dependencies the Slicer installer would not install: {names - offered}"
-    assert not any(r.startswith("torch") for r in pip_requirements(list(REQUIREMENTS)))  # torch: PyTorch extension
+    offered = {deps.distribution_name(r).lower() for r in deps.REQUIREMENTS.values()}
+    left_out = {dist.lower() for dist in deps.NOT_FOR_SCREENING.values()}
+    assert names <= offered | left_out, f"pyproject dependencies the Slicer installer would not install: {names - offered}"
+    assert left_out <= names and not left_out & offered
+    for module in deps.NOT_FOR_SCREENING:
+        importers = [p for p in sorted((MODULE_DIR / "medalign").rglob("*.py")) if module in third_party_imports(p)]
+        layers = {p.relative_to(MODULE_DIR / "medalign").parts[0] for p in importers}
+        assert importers and layers <= set(OFFLINE_LAYERS), f"{module} is imported outside the offline layers: {layers}"
+    assert not {deps.distribution_name(r) for r in deps.pip_requirements(list(deps.REQUIREMENTS))} & {
+        "torch", "numpy", "SimpleITK"}
+
+
+def test_screening_path_imports_only_what_slicer_installs():
+    deps = _slicer_dependencies()
+    used = {name: path for path in screening_path_files() for name in third_party_imports(path)}
+    unknown = {name: str(path.relative_to(MODULE_DIR)) for name, path in used.items()
+               if name not in deps.REQUIREMENTS and name not in OPTIONAL_IMPORTS}
+    assert not unknown, f"the screening path imports packages the Slicer installer does not install: {unknown}"
+
+
+# ---------------------------------------------------------------------- dependency versions
+def test_missing_and_too_old_packages_are_reported_with_versions(monkeypatch):
+    import importlib.metadata
+
+    deps = _slicer_dependencies()
+    numpy_version = importlib.metadata.version("numpy")
+    monkeypatch.setitem(deps.REQUIREMENTS, "numpy", "numpy>=999")
+    monkeypatch.setitem(deps.REQUIREMENTS, "medalign_no_such_package", "medalign-no-such-package>=1")
+    problems = {p.module: p for p in deps.dependency_problems(["numpy", "medalign_no_such_package", "tqdm"])}
+    assert set(problems) == {"numpy", "medalign_no_such_package"}  # tqdm is there and new enough
+    assert problems["numpy"].installed == numpy_version
+    assert problems["numpy"].describe() == f"numpy>=999 (found {numpy_version})"
+    assert problems["medalign_no_such_package"].installed is None
+    assert deps.missing_dependencies(["numpy", "tqdm"]) == ["numpy"]
+
+
+def test_version_comparison_with_and_without_packaging():
+    deps = _slicer_dependencies()
+    for version, spec, ok in [("2.13.0+cpu", ">=2.1", True), ("2.0.1", ">=2.1", False), ("2.1", ">=2.1.0", True),
+                              ("1.24.0rc1", ">=1.24", True), ("10.0", ">=9.9", True), ("0.9.12", ">=0.10", False)]:
+        assert deps._at_least(version, spec) is ok, (version, spec)
+        if "rc" not in version:
+            assert deps.version_satisfies(version, spec) is ok, (version, spec)
+
+
+def test_install_plan_uses_the_pytorch_extension_and_never_replaces_slicer_packages():
+    deps = _slicer_dependencies()
+    P = deps.Problem
+    missing = [P("torch", "torch>=2.1", None), P("monai", "monai>=1.3", None), P("yaml", "PyYAML>=6", "5.4")]
+    plan = deps.plan_install(missing, torch_extension=True)
+    assert plan.torch == ">=2.1" and plan.pip == ["monai>=1.3", "PyYAML>=6"] and not plan.refused
+    no_extension = deps.plan_install(missing, torch_extension=False)
+    assert not no_extension.torch and "PyTorch extension" in no_extension.refused[0]
+    old = deps.plan_install([P("torch", "torch>=2.1", "2.0.1"), P("numpy", "numpy>=1.24", "1.21.0"),
+                             P("SimpleITK", "SimpleITK>=2.3", None)], torch_extension=True)
+    assert not old.torch and not old.pip and len(old.refused) == 3
+    assert "PyTorch 2.0.1 is older" in old.refused[0] and "numpy>=1.24 (found 1.21.0)" in old.refused[1]
+
+
+def test_constraints_file_pins_what_is_installed_and_pip_accepts_it(tmp_path):
+    import importlib.metadata
+
+    deps = _slicer_dependencies()
+    path = deps.write_constraints(tmp_path)
+    pins = dict(line.split("==") for line in path.read_text(encoding="utf-8").split())
+    assert pins == {name: importlib.metadata.version(name) for name in ("torch", "numpy", "SimpleITK")}
+    # what MedAlign.py hands to slicer.util.pip_install: requirements then "-c <file>"
+    run = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--disable-pip-version-check",
+                          *deps.pip_requirements(["tqdm", "numpy"]), "-c", str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr  # valid pip syntax, and the pins match the installed builds
 
 
 if __name__ == "__main__":

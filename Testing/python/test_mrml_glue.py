@@ -481,8 +481,8 @@ def test_background_failure_and_kill_create_nothing(registered_tiny):
     killed = BackgroundScreening(node, findings=["Lung nodule"], model=registered_tiny, device="cpu")
     code, stderr, updates = run_job(killed, kill_after_first_progress=True)
     assert updates and code != 0
-    with pytest.raises(CancelledError):
-        killed.finish(code, stderr, logic)
+    with pytest.raises(CancelledError):  # the user's cancel; an unrequested kill is a crash (test_run_controller)
+        killed.finish(code, stderr, logic, cancelled=True)
     assert node_ids(app.scene) == ids and not killed.work_dir.exists()
 
 

@@ -391,8 +391,12 @@ def _ijk_to_ras(image: sitk.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- writing
 
 
-def write_volume(volume: Volume, path: str | Path) -> Path:
-    """Write a ``Volume`` (RAS) as NIfTI, NRRD or MetaImage, atomically, keeping its dtype."""
+def write_volume(volume: Volume, path: str | Path, compress: bool | None = None) -> Path:
+    """Write a ``Volume`` (RAS) as NIfTI, NRRD or MetaImage, atomically, keeping its dtype.
+
+    ``compress=None`` gzips every format but ``.nii``; ``False`` writes raw voxels: right for a
+    hand-off file that is read once (gzip costs seconds on a large CT).
+    """
     path = Path(path)
     suffix = _suffix(path)
     if suffix not in _WRITABLE:
@@ -400,7 +404,8 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
             f"Cannot write {path.name}: use .nii.gz, .nii, .nrrd, .nhdr, .mha or .mhd."
         )
     image = _to_image(volume)
-    compress = suffix != ".nii"
+    if compress is None:
+        compress = suffix != ".nii"
     if suffix not in _DETACHED:
         with atomic_output(path) as tmp:
             _write_image(image, tmp, compress)

@@ -223,7 +223,7 @@ def test_each_registered_report_words_its_findings_facts(full_phantoms):
 
 
 def test_bronchi_along_follow_their_arteries():
-    from medalign.synth.anatomy import Branch, bronchi_along
+    from medalign.synth.vessel_trees import Branch, bronchi_along
 
     art = [Branch(np.zeros(3), np.array([0.0, 30.0, -10.0]), 5.0, 4.0, 0, 0),
            Branch(np.array([0.0, 30.0, -10.0]), np.array([0.0, 50.0, -30.0]), 2.0, 1.0, 3, 1)]

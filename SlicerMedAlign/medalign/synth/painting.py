@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from medalign.knowledge.findings import CT_RATE_FINDINGS
-from medalign.synth.anatomy import Anatomy, capsule, ellipsoid, paint
+from medalign.synth.anatomy import Anatomy
+from medalign.synth.shapes import capsule, ellipsoid, paint
 
 #: Bit of each finding in a phantom's int32 mask (CT-RATE order).
 BIT = {name: 1 << i for i, name in enumerate(CT_RATE_FINDINGS)}

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from medalign.synth.anatomy import Anatomy, anterior_skin_v, blur3, ellipsoid, paint
+from medalign.synth.anatomy import Anatomy
+from medalign.synth.frame import anterior_skin_v
 from medalign.synth.painting import PaintContext, paint_tube, streaks
+from medalign.synth.shapes import blur3, ellipsoid, paint
 
 
 def ecg_leads(c: PaintContext) -> int:

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import Branch, bronchi_along, draw_bronchi
 from medalign.synth.findings.spec import FindingSpec, Term
 from medalign.synth.painting import BIT, PaintContext
+from medalign.synth.vessel_trees import Branch, bronchi_along, draw_bronchi
 from medalign.synth.wording import pick
 
 

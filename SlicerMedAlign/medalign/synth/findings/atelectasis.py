@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import ellipsoid, paint
 from medalign.synth.findings.spec import FindingSpec, Term
 from medalign.synth.painting import BIT, PaintContext
+from medalign.synth.shapes import ellipsoid, paint
 from medalign.synth.wording import pick
 
 

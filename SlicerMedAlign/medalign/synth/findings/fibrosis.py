@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import capsule, ellipsoid, paint
 from medalign.synth.findings.spec import FindingSpec, Term
 from medalign.synth.painting import PaintContext, cos_noise
+from medalign.synth.shapes import capsule, ellipsoid, paint
 from medalign.synth.wording import pick
 
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import cage_profile, heart_level
 from medalign.synth.findings.spec import FindingSpec, Term
+from medalign.synth.frame import cage_profile, heart_level
 from medalign.synth.painting import PaintContext
 from medalign.synth.wording import pick
 

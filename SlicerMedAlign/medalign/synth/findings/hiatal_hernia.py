@@ -6,9 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import HU_AIR, ellipsoid, paint
 from medalign.synth.findings.spec import FindingSpec, Term
+from medalign.synth.frame import HU_AIR
 from medalign.synth.painting import PaintContext
+from medalign.synth.shapes import ellipsoid, paint
 from medalign.synth.wording import pick
 
 

@@ -7,8 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import cavity_level
 from medalign.synth.findings.spec import FindingSpec, Term
+from medalign.synth.frame import cavity_level
+from medalign.synth.lungs import smooth2d
 from medalign.synth.painting import PaintContext, lung_box
 from medalign.synth.wording import pick
 
@@ -16,14 +17,12 @@ from medalign.synth.wording import pick
 def _field2d(rng: np.random.Generator, c: PaintContext, sl: tuple[slice, slice, slice], wl: tuple[float, float]) -> np.ndarray:
     """Smooth random 3D field on a box, built separably (2D smooth field x 1D cosine in z
     plus a second such pair) so patchy patterns cost a few passes, not a 3D filter."""
-    from medalign.synth.anatomy import _smooth2d
-
     g = c.grid
     shape2 = (sl[1].stop - sl[1].start, sl[2].stop - sl[2].start)
     z = g.z[sl[0]]
     out = None
     for _ in range(2):
-        f2 = _smooth2d(rng, shape2, (g.spacing[1], g.spacing[0]), float(rng.uniform(*wl)) / 3.0, 1.0)
+        f2 = smooth2d(rng, shape2, (g.spacing[1], g.spacing[0]), float(rng.uniform(*wl)) / 3.0, 1.0)
         fz = np.cos(2 * np.pi * z / rng.uniform(wl[0] * 1.5, wl[1] * 2.0) + rng.uniform(0, 6.3)).astype(np.float32)
         term = f2[None] * (np.float32(0.6) + np.float32(0.4) * fz[:, None, None])
         out = term if out is None else out + term

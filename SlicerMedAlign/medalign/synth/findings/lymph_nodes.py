@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import HU_FAT, Anatomy, ellipsoid, paint
+from medalign.synth.anatomy import Anatomy
 from medalign.synth.findings.spec import FindingSpec, Term
+from medalign.synth.frame import HU_FAT
 from medalign.synth.painting import PaintContext, random_rot
+from medalign.synth.shapes import ellipsoid, paint
 from medalign.synth.wording import pick
 
 

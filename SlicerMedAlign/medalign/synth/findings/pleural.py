@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth.anatomy import cavity_level
 from medalign.synth.findings.spec import FindingSpec, Term
+from medalign.synth.frame import cavity_level
 from medalign.synth.painting import PaintContext, lung_box
 from medalign.synth.wording import pick, sides_phrase
 

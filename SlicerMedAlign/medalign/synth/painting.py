@@ -103,6 +103,8 @@ class PaintContext:
 
 
 def cos_noise(rng: np.random.Generator, z: np.ndarray, y: np.ndarray, x: np.ndarray, wl: tuple[float, float], n: int = 3) -> np.ndarray:
+    """Smooth noise (about unit variance) from ``n`` products of random cosines: cheap
+    irregularity for lesion outlines, no 3D filtering."""
     out = 0.0
     for _ in range(n):
         k = 2 * np.pi / rng.uniform(*wl, size=3)
@@ -119,6 +121,8 @@ def lung_box(c: PaintContext) -> tuple[slice, slice, slice]:
 
 
 def blob_region(c: PaintContext, pc: np.ndarray, semi: np.ndarray, irregular: float) -> tuple[Any, np.ndarray] | None:
+    """An irregular, randomly turned ellipsoid at ``pc`` restricted to free lung: (box, mask),
+    or None off the grid. ``irregular`` scales how far the outline wobbles."""
     res = ellipsoid(c.grid, pc, semi, random_rot(c.rng))
     if res is None:
         return None
@@ -130,6 +134,7 @@ def blob_region(c: PaintContext, pc: np.ndarray, semi: np.ndarray, irregular: fl
 
 
 def random_rot(rng: np.random.Generator) -> np.ndarray:
+    """A random rotation matrix (QR of a Gaussian matrix), float32."""
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
     return q.astype(np.float32)
 

@@ -64,6 +64,8 @@ def case_seed(seed: int, index: int) -> int:
 
 
 def _check_labels(labels: dict[str, int] | None) -> dict[str, int] | None:
+    """Forced labels as {CT-RATE name: 0/1}; an unknown name or a value other than 0/1 is
+    an ``InputError`` sentence."""
     if labels is None:
         return None
     unknown = [k for k in labels if k not in CT_RATE_FINDINGS]
@@ -158,6 +160,7 @@ def _volume(anat: Anatomy, vol_hu: np.ndarray, seed: int) -> Volume:
 
 
 def _jsonable(obj: Any) -> Any:
+    """The facts with NumPy scalars and arrays turned into plain Python (``meta`` is JSON)."""
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -202,6 +205,7 @@ def _write_nifti(array: np.ndarray, ijk_to_ras: np.ndarray, path: Path) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Atomic UTF-8 write, world-readable (datasets are meant to be shared)."""
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
@@ -214,6 +218,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _csv_text(rows: list[list[Any]]) -> str:
+    """Rows as CSV text with newline line ends (the same bytes on every platform)."""
     import io
 
     buf = io.StringIO()
@@ -222,6 +227,8 @@ def _csv_text(rows: list[list[Any]]) -> str:
 
 
 def _write_case(job: tuple) -> tuple[str, dict[str, int], str]:
+    """One dataset case (runs in a worker process): its volume and mask files, and its
+    id, labels and report for the CSVs."""
     out, seed, index, forced, prevalence = job
     cid = f"phantom_{seed}_{index:05d}"
     ph = make_phantom(case_seed(seed, index), labels=forced, prevalence=prevalence)

@@ -39,6 +39,8 @@ def sample_lung_points(rng: np.random.Generator, grid: Grid, lung: np.ndarray, s
 
 @dataclass
 class Branch:
+    """One tapered segment of a vessel or airway tree (LPS mm), with its generation."""
+
     p0: np.ndarray
     p1: np.ndarray
     r0: float

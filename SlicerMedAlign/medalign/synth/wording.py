@@ -7,10 +7,12 @@ import numpy as np
 
 
 def pick(rng: np.random.Generator, items: list[str] | tuple[str, ...]) -> str:
+    """One of ``items``, drawn with ``rng`` (one draw, whatever the length)."""
     return items[int(rng.integers(len(items)))]
 
 
 def sides_phrase(sides: list[str]) -> str:
+    """"bilateral" when both sides are listed, else the one side."""
     return "bilateral" if len(set(sides)) > 1 else sides[0]
 
 

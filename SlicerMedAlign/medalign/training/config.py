@@ -13,6 +13,8 @@ from medalign.models.medalign_model import MedAlignConfig
 
 @dataclass
 class TrainConfig:
+    """Everything one ``medalign train`` run is asked for (the CLI fills it from its flags)."""
+
     data: Path
     out: Path
     steps: int = 1200

@@ -110,6 +110,7 @@ def local_alignment_loss(model, feats, t_pos: torch.Tensor, t_neg: torch.Tensor,
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: each image against every report of the batch and back (CLIP)."""
     logits = scale * a @ b.T
     target = torch.arange(a.shape[0], device=a.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2

@@ -46,5 +46,6 @@ def finding_sentences(finding: str, kb=None) -> tuple[list[str], list[str]]:
 
 
 def report_sentences(report: str) -> list[str]:
+    """A report split into its sentences (each is embedded, then averaged)."""
     parts = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", report or "") if len(s.strip()) > 3]
     return parts or [report or ""]

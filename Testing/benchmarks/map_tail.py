@@ -32,10 +32,11 @@ import torch
 
 from medalign.core.volume_io import read_volume
 from medalign.data.cohorts import load_cohort
+from medalign.data.labels import resolve_labels
 from medalign.inference.preprocess import hu_to_model_value, prepare
 from medalign.inference.screener import Screener
 from medalign.knowledge.findings import CT_RATE_FINDINGS
-from medalign.training.loop import resolve_labels, token_mask
+from medalign.training.prepared import token_mask
 
 
 def token_margins(screener: Screener, finding: str, volume) -> tuple[torch.Tensor, object]:

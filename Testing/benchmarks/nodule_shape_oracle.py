@@ -34,8 +34,8 @@ from sklearn.metrics import roc_auc_score
 
 from medalign.core.volume_io import read_volume
 from medalign.data.cohorts import load_cohort
+from medalign.data.labels import resolve_labels
 from medalign.knowledge.findings import CT_RATE_FINDINGS
-from medalign.training.loop import resolve_labels
 
 NODULE_BIT = 1 << CT_RATE_FINDINGS.index("Lung nodule")
 

@@ -36,10 +36,11 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medalign.data.cohorts import load_cohort
+from medalign.data.labels import resolve_labels
 from medalign.inference.preprocess import hu_to_model_value
 from medalign.knowledge.findings import CT_RATE_FINDINGS
 from medalign.models.profiles import DEMO
-from medalign.training.loop import PreparedCohort, resolve_labels
+from medalign.training.prepared import PreparedCohort
 
 STRIDE = 4  # model voxels per local token along each axis
 

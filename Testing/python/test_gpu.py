@@ -45,7 +45,8 @@ def test_training_on_gpu_in_bf16_lowers_the_loss(tmp_path):
     from test_train_eval import _cohort
 
     from medalign.models.medalign_model import read_checkpoint, tiny_config
-    from medalign.training.loop import TrainConfig, train
+    from medalign.training.config import TrainConfig
+    from medalign.training.loop import train
 
     out = tmp_path / "gpu.safetensors"
     train(TrainConfig(data=_cohort(tmp_path / "cohort"), out=out, steps=30, batch_size=4, lr=2e-3, warmup=5,

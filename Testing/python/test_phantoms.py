@@ -176,12 +176,13 @@ def test_ecg_leads_lie_outside_the_body():
     """Electrodes sit on the skin and their wires in the air in front: the lung and
     mediastinum are untouched, so a phantom's findings do not depend on them."""
     from medalign.synth.anatomy import build_anatomy
-    from medalign.synth.phantoms import _Ctx, _ecg_leads
+    from medalign.synth.painting import PaintContext
+    from medalign.synth.scanner import ecg_leads
 
     rng = np.random.default_rng(0)
     anat = build_anatomy(rng, sample_geometry(rng, COARSE))
     before = anat.hu.copy()
-    n = _ecg_leads(_Ctx(anat, np.random.default_rng(1)))
+    n = ecg_leads(PaintContext(anat, np.random.default_rng(1)))
     changed = anat.hu != before
     assert 2 <= n <= 5 and changed.any()
     assert not np.any(changed & (anat.lung > 0))
@@ -189,8 +190,40 @@ def test_ecg_leads_lie_outside_the_body():
     assert anat.hu[changed].max() > 800  # metal snaps and wires
 
 
+def test_each_registered_painter_marks_its_own_finding():
+    """The registry pairs every CT-RATE finding with its painter: run alone on a normal
+    anatomy, each painter sets its own mask bit and no other, and returns report facts."""
+    import dataclasses
+
+    from medalign.synth.anatomy import build_anatomy
+    from medalign.synth.findings import ANATOMICAL, PAINT_ORDER, REGISTRY
+    from medalign.synth.painting import PaintContext
+
+    assert list(REGISTRY) == [*PAINT_ORDER, *ANATOMICAL] and set(REGISTRY) == set(CT_RATE_FINDINGS)
+    rng = np.random.default_rng(3)
+    anat = build_anatomy(rng, sample_geometry(rng, COARSE))
+    anat.p["z_table"] = 0.0
+    for name in PAINT_ORDER:
+        ctx = PaintContext(dataclasses.replace(anat, hu=anat.hu.copy()), np.random.default_rng(4))
+        facts = REGISTRY[name].paint(ctx)
+        assert int(np.bitwise_or.reduce(ctx.mask, axis=None)) == BIT[name], name
+        assert isinstance(facts, dict) and facts, name
+
+
+def test_each_registered_report_words_its_findings_facts(full_phantoms):
+    """Beside each painter, its report sentence turns that finding's facts into text."""
+    from medalign.synth.findings import REGISTRY
+
+    facts = full_phantoms[0].meta["findings"]
+    for name, spec in REGISTRY.items():
+        sentence = spec.report(np.random.default_rng(0), facts[name], lambda k=2, name=name: name.lower())
+        assert sentence.endswith(".") and len(sentence) > 20, name
+    lobe = facts["Consolidation"]["lobe"]
+    assert lobe in REGISTRY["Consolidation"].report(np.random.default_rng(0), facts["Consolidation"], str)
+
+
 def test_bronchi_along_follow_their_arteries():
-    from medalign.synth.anatomy import Branch, bronchi_along
+    from medalign.synth.vessel_trees import Branch, bronchi_along
 
     art = [Branch(np.zeros(3), np.array([0.0, 30.0, -10.0]), 5.0, 4.0, 0, 0),
            Branch(np.array([0.0, 30.0, -10.0]), np.array([0.0, 50.0, -30.0]), 2.0, 1.0, 3, 1)]

@@ -38,7 +38,8 @@ def _cohort(root, n=8):
 
 def test_short_training_lowers_loss_and_resumes(tmp_path):
     from medalign.models.medalign_model import read_checkpoint, tiny_config
-    from medalign.training.loop import TrainConfig, train
+    from medalign.training.config import TrainConfig
+    from medalign.training.loop import train
 
     data = _cohort(tmp_path / "cohort")
     out = tmp_path / "m.safetensors"
@@ -63,7 +64,8 @@ def test_training_can_start_from_another_models_weights(tmp_path):
 
     from medalign.core.errors import InputError
     from medalign.models.medalign_model import read_checkpoint, tiny_config
-    from medalign.training.loop import TrainConfig, train
+    from medalign.training.config import TrainConfig
+    from medalign.training.loop import train
 
     data = _cohort(tmp_path / "cohort")
     base = tmp_path / "base.safetensors"
@@ -119,7 +121,8 @@ def test_deeper_local_path_trains_in_mixed_precision_and_reloads(tmp_path):
     import torch
 
     from medalign.models.medalign_model import load_checkpoint, read_checkpoint, tiny_config
-    from medalign.training.loop import TrainConfig, train
+    from medalign.training.config import TrainConfig
+    from medalign.training.loop import train
 
     data = _cohort(tmp_path / "cohort")
     out = tmp_path / "deep.safetensors"
@@ -211,7 +214,7 @@ def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
     from medalign.evaluation.metrics import youden_nearest_threshold
     from medalign.inference.screener import Screener
     from medalign.models.medalign_model import load_checkpoint, save_checkpoint, tiny_test_model
-    from medalign.training.loop import calibrate
+    from medalign.training.calibration import calibrate
 
     data = _cohort(tmp_path / "cohort", n=6)
     findings = ["Lung nodule", "Emphysema"]
@@ -236,7 +239,7 @@ def test_training_wordings_are_disjoint_from_inference_wordings():
     finding equals any prompt the screener builds for it."""
     from medalign.knowledge.findings import build_prompts
     from medalign.models.medalign_model import PROMPT_TEMPLATES
-    from medalign.training.loop import TRAIN_TEMPLATES, finding_sentences
+    from medalign.training.sentences import TRAIN_TEMPLATES, finding_sentences
 
     assert not set(TRAIN_TEMPLATES["positive"] + TRAIN_TEMPLATES["negative"]) & set(
         PROMPT_TEMPLATES["positive"] + PROMPT_TEMPLATES["negative"])
@@ -257,7 +260,7 @@ def test_torchrun_two_processes_train_together(tmp_path):
     data = _cohort(tmp_path / "cohort", n=4)
     out = tmp_path / "ddp.safetensors"
     code = (
-        "import sys; from pathlib import Path; from medalign.training.loop import TrainConfig, train; "
+        "import sys; from pathlib import Path; from medalign.training.config import TrainConfig; from medalign.training.loop import train; "
         "from medalign.models.medalign_model import tiny_config; "
         f"train(TrainConfig(data=Path(r'{data}'), out=Path(r'{out}'), steps=3, batch_size=2, device='cpu', "
         "warmup=1, model_config=tiny_config()), progress=False)"

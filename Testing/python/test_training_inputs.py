@@ -77,7 +77,7 @@ def test_profile_channels_survive_a_json_round_trip_and_old_profiles_have_none()
 
 # ------------------------------------------------------------------ token masks
 def test_token_mask_marks_the_token_of_a_single_voxel_lesion():
-    from medalign.training.loop import token_mask
+    from medalign.training.prepared import token_mask
 
     size, stride = (24, 24, 16), 4
     grid_to_ras = np.diag([2.0, 2.0, 2.0, 1.0])  # model voxel (x, y, z) sits at 2 * (x, y, z) mm
@@ -93,14 +93,14 @@ def test_token_mask_marks_the_token_of_a_single_voxel_lesion():
 
 
 def test_token_mask_of_an_empty_mask_is_empty():
-    from medalign.training.loop import token_mask
+    from medalign.training.prepared import token_mask
 
     mask = Volume(np.zeros((8, 8, 8), dtype=np.int32), np.eye(4))
     assert not token_mask(mask, np.eye(4), (8, 8, 8), 4).any()
 
 
 def test_cache_key_follows_profile_and_stride():
-    from medalign.training.loop import cache_key
+    from medalign.training.prepared import cache_key
 
     assert cache_key(DEMO, 4) == cache_key(DEMO, 4)
     assert cache_key(DEMO, 4) != cache_key(DEMO, 2)
@@ -119,7 +119,7 @@ class _FixedTokenLogits:
 
 
 def test_dense_loss_weighs_each_finding_equally():
-    from medalign.training.loop import local_alignment_loss
+    from medalign.training.losses import local_alignment_loss
 
     n_f, grid = 2, (4, 4, 1)
     pos_logit = torch.zeros(1, n_f, *grid)
@@ -148,7 +148,7 @@ def test_dense_loss_weighs_each_finding_equally():
 
 
 def test_lesion_prior_counts_where_lesions_sit_and_widens_by_one_token():
-    from medalign.training.loop import lesion_prior
+    from medalign.training.losses import lesion_prior
 
     a = torch.zeros(5, 5, 1, dtype=torch.int32)
     b = torch.zeros(5, 5, 1, dtype=torch.int32)
@@ -164,7 +164,7 @@ def test_lesion_prior_counts_where_lesions_sit_and_widens_by_one_token():
 
 
 def test_prior_weighted_negatives_count_lesion_free_tokens_where_lesions_usually_are():
-    from medalign.training.loop import local_alignment_loss
+    from medalign.training.losses import local_alignment_loss
 
     grid = (4, 1, 1)
     pos_logit = torch.zeros(1, 1, *grid)
@@ -184,7 +184,7 @@ def test_prior_weighted_negatives_count_lesion_free_tokens_where_lesions_usually
 
 
 def test_decision_directions_and_their_overlap():
-    from medalign.training.loop import decision_directions, direction_overlap
+    from medalign.training.losses import decision_directions, direction_overlap
 
     # finding 0: present (1, 0, 0) vs absent (0, 1, 0); finding 1: present (1, 0, 0) vs absent (0, 0, 1)
     z = torch.tensor([[1.0, 0, 0], [1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
@@ -203,7 +203,9 @@ def test_text_warm_up_makes_findings_decision_directions_orthogonal():
     finding's score follows another's); the penalty removes the overlap and keeps every
     sentence nearest its own class."""
     from medalign.models.medalign_model import MedAlignModel, build_text_encoder, tiny_config
-    from medalign.training.loop import decision_directions, direction_overlap, finding_sentences, warm_up_text_projection
+    from medalign.training.losses import decision_directions, direction_overlap
+    from medalign.training.sentences import finding_sentences
+    from medalign.training.text_anchors import warm_up_text_projection
 
     cfg = tiny_config()
     encoder = build_text_encoder(None, cfg)
@@ -232,7 +234,7 @@ def test_embedded_demo_model_scores_findings_along_independent_directions():
     """The shipped model was trained with the decorrelated warm-up: on the inference
     wordings (never seen in training) no two findings share their decision direction."""
     from medalign.inference.screener import Screener
-    from medalign.training.loop import direction_overlap
+    from medalign.training.losses import direction_overlap
 
     screener = Screener(device="cpu")
     d = torch.nn.functional.normalize(torch.stack([p.ensemble[0] - p.ensemble[1] for p in screener.prompts]), dim=-1)

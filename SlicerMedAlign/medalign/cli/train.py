@@ -83,7 +83,10 @@ def _model_config(args: argparse.Namespace, init: Path | None, resuming: bool):
 
 
 def run(args: argparse.Namespace) -> int:
-    from medalign.training.loop import TrainConfig, calibrate, is_resumable, train
+    from medalign.training.calibration import calibrate
+    from medalign.training.checkpoint import is_resumable
+    from medalign.training.config import TrainConfig
+    from medalign.training.loop import train
 
     init = _init_weights(args.init)
     cfg = TrainConfig(

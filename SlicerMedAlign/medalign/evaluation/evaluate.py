@@ -18,8 +18,8 @@ import numpy as np
 from medalign.core.errors import InputError
 from medalign.core.volume import Volume
 from medalign.data.cohorts import Case, load_cohort
+from medalign.data.labels import resolve_labels
 from medalign.evaluation.metrics import bootstrap_metrics, pointing_hit, voxel_auc
-from medalign.training.loop import resolve_labels
 
 
 def mask_bit(mask: Volume, finding: str) -> np.ndarray | None:

@@ -36,7 +36,7 @@ from medalign.models.vit3d import ViT3D, ViT3DConfig
 
 FORMAT = "medalign-v1"
 
-# Inference wording.  Training uses a disjoint set (medalign.training.loop.TRAIN_TEMPLATES), so
+# Inference wording.  Training uses a disjoint set (medalign.training.sentences.TRAIN_TEMPLATES), so
 # evaluation measures zero-shot transfer to wordings the model never saw.
 PROMPT_TEMPLATES = {
     "positive": ["There is {finding}.", "{finding} is seen on this CT.", "Findings consistent with {finding}."],

@@ -7,13 +7,12 @@ import json
 
 import numpy as np
 import pytest
-from helpers import synthetic_ct
+from helpers import synthetic_ct, tiny_test_model
 
 from medalign.core.errors import CancelledError
 from medalign.core.volume import Volume
 from medalign.inference.results import ScreeningResult
 from medalign.inference.screener import Screener, hotspot_of, parse_findings, screen
-from medalign.models.medalign_model import tiny_test_model
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +91,34 @@ def test_progress_is_monotonic_and_complete(model):
            progress=lambda f, m: fractions.append(f))
     assert fractions[0] == 0.0 and fractions[-1] == 1.0
     assert all(b >= a for a, b in zip(fractions, fractions[1:]))
+
+
+def test_gpu_oom_fallback_files_the_cached_model_under_the_device_it_sits_on(monkeypatch):
+    """After an out-of-memory fallback the registry model sits on the CPU: the cache must not
+    keep handing it out for CUDA requests.  CUDA is simulated (this machine may have none):
+    the tiny model plays the copy cached for GPU 0, and preprocessing on "cuda" runs out of
+    memory; the cache, the screener and the fallback are the real ones."""
+    import torch
+
+    from medalign.core import device as device_module
+    from medalign.inference import preprocess
+    from medalign.inference import screener as screener_module
+
+    model = tiny_test_model(seed=0)
+    monkeypatch.setattr(screener_module, "_MODEL_CACHE", {("tiny", "cuda:0"): model})
+    monkeypatch.setattr(device_module, "resolve_device", lambda name="auto": torch.device(name))
+    real_prepare = preprocess.prepare
+
+    def prepare(volume, profile, device="cpu"):
+        if torch.device(device).type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_prepare(volume, profile, device=device)
+
+    monkeypatch.setattr(preprocess, "prepare", prepare)
+    result = Screener(model="tiny", findings=["Lung nodule"], device="cuda:0")(synthetic_ct(), with_maps=False)
+    assert result.device == "cpu"
+    assert screener_module._MODEL_CACHE == {("tiny", "cpu"): model}
+    assert screener_module.get_model("tiny", torch.device("cpu")) == (model, "tiny")
 
 
 def test_hotspot_of_known_map():

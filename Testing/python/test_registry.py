@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -255,6 +256,32 @@ def test_verify_rehashes_even_when_size_and_mtime_match(home, weights):
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     ok, message = registry.verify("mine")
     assert not ok and "SHA-256" in message
+
+
+def test_rewritten_bytes_with_restored_mtime_are_rehashed_and_refused(home, weights):
+    """Issue 22 item 3: same size, restored mtime, different bytes must not pass the memo."""
+    registry.add("mine", weights, CONTENT_SHA)
+    registry.resolve_weights(registry.get("mine"))  # memo recorded
+    time.sleep(0.05)  # file times tick in jiffies (1-10 ms): the rewrite must land in a later tick
+    stat = weights.stat()
+    weights.write_bytes(CONTENT[::-1])
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(CheckpointError) as info:
+        registry.resolve_weights(registry.get("mine"))
+    message = str(info.value)
+    assert f"but {CONTENT_SHA} was registered" in message and "\n" not in message
+
+
+def test_another_file_moved_onto_the_path_is_rehashed(home, weights, tmp_path):
+    registry.add("mine", weights, CONTENT_SHA)
+    stat = weights.stat()
+    other = tmp_path / "other.bin"
+    other.write_bytes(CONTENT[::-1])
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, weights)
+    with pytest.raises(CheckpointError, match="was registered"):
+        registry.resolve_weights(registry.get("mine"))
 
 
 def test_verify_unregistered_builtin(home):

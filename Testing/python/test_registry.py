@@ -349,3 +349,15 @@ def test_embedded_demo_model_carries_its_calibration():
     trained = set(extra["trained_findings"])
     assert set(extra["thresholds"]) == set(extra["validation_auc"]) == trained
     assert all(0.0 <= v <= 1.0 for v in extra["validation_auc"].values())
+
+
+# ----------------------------------------------------------------- families
+
+
+def test_one_family_list():
+    """Registry entries (``models add --family``) and model building read the same family
+    list; it was written twice, so a family added to one was unknown to the other."""
+    from medalign import models
+
+    assert models.FAMILY_LOADERS is registry.FAMILY_LOADERS
+    assert registry.FAMILIES == tuple(registry.FAMILY_LOADERS) == ("medalign", "brgsa", "ct-clip")

@@ -27,9 +27,16 @@ from medalign.core.resources import resources_dir
 
 DEFAULT_MODEL = "medalign-demo"
 
-# Families a registry entry may name; ``medalign.models.FAMILY_LOADERS`` maps them to
-# loaders.  Kept here as plain strings so ``medalign models list`` never imports torch.
-FAMILIES = ("medalign", "brgsa", "ct-clip")
+# The one list of model families: name -> "module:function" of its loader, each
+# f(weights: Path, text_encoder: str | Path | None, device: str) -> ScreeningModel.
+# Plain strings: ``medalign.models.family_loader`` imports a family's module only when
+# one of its models is built, so a broken optional family never blocks the others.
+FAMILY_LOADERS: dict[str, str] = {
+    "medalign": "medalign.models.medalign_model:load_checkpoint",
+    "brgsa": "medalign.models.brgsa:load_brgsa",
+    "ct-clip": "medalign.models.ctclip:load_ctclip",
+}
+FAMILIES = tuple(FAMILY_LOADERS)
 
 _REGISTRY_FILE = "registry.json"
 _VERIFIED_FILE = "verified.json"
@@ -475,6 +482,7 @@ def entry_as_dict(entry: ModelEntry) -> dict:
 __all__ = [
     "DEFAULT_MODEL",
     "FAMILIES",
+    "FAMILY_LOADERS",
     "ModelEntry",
     "add",
     "cache_dir",

@@ -69,3 +69,17 @@ def test_explicit_threshold_above_the_peak_keeps_the_peak():
 
 def test_screener_uses_the_one_rule():
     assert screener.hotspot_of is hotspot_of
+
+
+def test_a_map_without_hotspot_misses_the_pointing_game():
+    """Evaluation must not drop such a case (that would flatter the pointing game)."""
+    from medalign.evaluation.evaluate import localization
+
+    array = -np.ones((10, 10, 10), np.float32)
+    array[2:4, 2:4, 2:4] = -0.1  # highest where the lesion is, but nowhere positive
+    lesion = np.zeros((10, 10, 10), bool)
+    lesion[2:4, 2:4, 2:4] = True
+    assert hotspot_of(_map(array)) is None
+    result = localization(_map(array), None, _map(lesion.astype(np.float32)), lesion, tolerance_mm=5.0)
+    assert result["hit"] is False and result["hit_tolerant"] is False
+    assert result["voxel_auc"] > 0.9

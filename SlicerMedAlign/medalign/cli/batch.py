@@ -12,6 +12,7 @@ import io
 import os
 from pathlib import Path
 
+from medalign.cli.options import add_device_argument
 from medalign.data.cohorts import VOLUME_SUFFIXES
 
 
@@ -26,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--model", default=None)
     p.add_argument("--findings", default=None)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true")
     p.set_defaults(func=run)

@@ -50,8 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         reexec_with_tuned_allocator(sys.argv[1:])  # returns only when no re-run is needed
     try:
         if args.command in TORCH_COMMANDS:
-            from medalign.core.device import configure_cpu_threads
+            from medalign.core.device import configure_cpu_threads, resolve_device
 
+            if getattr(args, "device", None) is not None:
+                resolve_device(args.device)  # a misspelt or absent device: one sentence before any work
             configure_cpu_threads()  # the CPU thread count follows the machine (or MEDALIGN_THREADS)
         return int(args.func(args) or 0)
     except MedAlignError as exc:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medalign.cli.options import add_device_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="registry model name (default: medalign-demo)")
     p.add_argument("--weights", default=None, type=Path, help="evaluate this checkpoint instead of a registry entry")
     p.add_argument("--findings", default=None, help='"A;B;..." (default: the labelled CT-RATE findings)')
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.set_defaults(func=run)
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from medalign.cli.options import add_device_argument
 from medalign.core.progress import ProgressReporter
 
 
@@ -20,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", default=None, help="registry model name (default: medalign-demo)")
     p.add_argument("--findings", default=None, help='"A;B;..." finding names or free text; "ct-rate-lt" adds the 15 rare ones')
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
     p.add_argument("--sample", action="store_true", help="screen a generated sample chest CT (no data needed)")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -474,3 +477,53 @@ def test_cli_refuses_an_all_nan_nifti_with_exit_2(tmp_path, capsys):
     assert main(["screen", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medalign: error: allnan.nii.gz contains NaN voxel values") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------- names that are not UTF-8 (issue 22 item 7)
+
+BAD = os.fsdecode(b"scan\xff\xfe")  # Latin-1 bytes from an old archive; Python keeps them as surrogates
+
+
+def _in_child(code: str) -> subprocess.CompletedProcess:
+    """ITK aborts the process on such names (exit 134), so the read runs in a child."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "SlicerMedAlign")})
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16: no undecodable bytes")
+def test_nifti_with_a_non_utf8_name_is_read_through_a_link(tmp_path):
+    volume = make_volume(np.int16)
+    path = write_volume(volume, tmp_path / "plain.nii.gz").rename(tmp_path / (BAD + ".nii.gz"))
+    proc = _in_child(
+        "import os, sys, json; from medalign.core.volume_io import read_volume; "
+        f"v = read_volume(os.fsdecode({os.fsencode(path)!r})); print(json.dumps([v.shape_ijk, v.metadata['path']]))"
+    )
+    assert proc.returncode == 0, proc.stderr[-500:]
+    shape, shown = json.loads(proc.stdout)
+    assert tuple(shape) == volume.shape_ijk and shown.endswith("scan\\xff\\xfe.nii.gz")
+    assert assert_same(volume, read_volume(path)) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing added beside the input
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16: no undecodable bytes")
+def test_dicom_series_in_a_non_utf8_folder(tmp_path):
+    volume = make_volume(np.int16, direction=rotation(0.0, 0.4))
+    files = write_dicom_series(tmp_path / "series", volume)
+    folder = (tmp_path / "series").rename(tmp_path / BAD)
+    assert_same(volume, read_volume(folder))
+    assert_same(volume, read_volume(folder / Path(files[3]).name))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16: no undecodable bytes")
+def test_cli_screens_a_non_utf8_name_without_aborting(tmp_path):
+    from helpers import synthetic_ct
+
+    path = write_volume(synthetic_ct(), tmp_path / "ct.nii.gz").rename(tmp_path / (BAD + ".nii.gz"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "medalign.cli", "screen", os.fsencode(path), "--out", str(out),
+                           "--findings", "Lung nodule", "--no-maps", "--device", "cpu"],
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "SlicerMedAlign")})
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert b"scan\\xff\\xfe.nii.gz" in proc.stdout
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["input"]["path"].endswith("scan\\xff\\xfe.nii.gz")

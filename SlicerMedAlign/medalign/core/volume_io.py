@@ -86,9 +86,60 @@ def read_volume(path: str | Path) -> Volume:
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return _read(path)
+        with _itk_readable(path) as readable:
+            volume = _read(readable)
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+    if readable != path:
+        volume.metadata["path"] = _printable(path)
+    return volume
+
+
+def _printable(path: Path) -> str:
+    """``path`` as text that can be printed and stored in JSON: bytes that are not UTF-8
+    (kept by Python as lone surrogates) become ``\\xNN``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _itk_readable(path: Path) -> Iterator[Path]:
+    """A path ITK can open for ``path``.
+
+    ITK aborts the whole process (exit 134, no message) on a path whose bytes are not
+    UTF-8.  Such an input is read through a symbolic link with a printable name in a
+    private temporary folder: to the file's folder when only a folder name is the
+    problem (DICOM siblings and detached data files stay reachable), else to the input
+    itself.  The input is never copied or changed.
+    """
+    if _is_utf8(path):
+        yield path
+        return
+    absolute = Path(os.path.abspath(path))
+    if absolute.is_file() and _is_utf8(Path(absolute.name)):
+        source, inner = absolute.parent, absolute.name
+    else:
+        source, inner = absolute, None
+    folder = Path(tempfile.mkdtemp(prefix="medalign-read-"))
+    try:
+        link = folder / (_printable(Path(source.name)) or "input")
+        try:
+            link.symlink_to(source, target_is_directory=source.is_dir())
+        except OSError:
+            raise InputError(
+                f"{_printable(path)} has a name that is not valid UTF-8 and no link to it could be made; "
+                "rename it with plain characters."
+            ) from None
+        yield link / inner if inner else link
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _read(path: Path) -> Volume:

@@ -188,3 +188,22 @@ def test_results_written_before_validation_auc_still_read(model, tmp_path):
         del f["validation_auc"]
     back = ScreeningResult.from_dict(data)
     assert back.findings[0].validation_auc is None and not back.findings[0].near_chance
+
+
+def test_overlong_free_text_finding_is_one_short_sentence(tmp_path, capsys):
+    """A 10,000-character finding used to end in a 30 KB error and an empty maps/ folder."""
+    from medalign.cli import main
+    from medalign.core.errors import InputError
+    from medalign.inference.screener import MAX_FINDING_CHARS
+
+    assert parse_findings(["x" * MAX_FINDING_CHARS]) == ["x" * MAX_FINDING_CHARS]
+    with pytest.raises(InputError) as info:
+        parse_findings("Lung nodule;" + "a very long pasted report " * 400)
+    message = str(info.value)
+    assert len(message) < 300 and "10399 characters" in message and f"at most {MAX_FINDING_CHARS}" in message
+    from medalign.core.volume_io import write_volume
+
+    ct = write_volume(synthetic_ct(), tmp_path / "ct.nii.gz")
+    assert main(["screen", str(ct), "--out", str(tmp_path / "o"), "--device", "cpu", "--findings", "y" * 10_000]) == 2
+    line = capsys.readouterr().err.strip().split("\r")[-1]  # after the progress bar's last redraw
+    assert line.startswith("medalign: error: ") and len(line) < 300 and not (tmp_path / "o").exists()

@@ -24,6 +24,9 @@ CancelFn = Callable[[], bool]
 
 DISCLAIMER = "Research use only; not for clinical decisions."
 _MODEL_CACHE: dict[tuple[str, str], ScreeningModel] = {}
+# A finding is a name or a short description; longer text is a pasted report, and it
+# ends up in prompts, table cells and map file names.
+MAX_FINDING_CHARS = 200
 
 
 def default_findings() -> list[str]:
@@ -35,7 +38,8 @@ def default_findings() -> list[str]:
 def parse_findings(text: str | Sequence[str] | None) -> list[str]:
     """"A;B" or a list -> clean, de-duplicated names; None/"" -> the 18 CT-RATE findings.
 
-    The words "ct-rate" and "ct-rate-lt" expand to those finding lists.
+    The words "ct-rate" and "ct-rate-lt" expand to those finding lists; a finding
+    longer than ``MAX_FINDING_CHARS`` is refused in one sentence.
     """
     from medalign.knowledge.findings import CT_RATE_FINDINGS, CT_RATE_LT_FINDINGS
 
@@ -46,10 +50,16 @@ def parse_findings(text: str | Sequence[str] | None) -> list[str]:
     for item in (s.strip() for s in items):
         expand = {"ct-rate": CT_RATE_FINDINGS, "ct-rate-lt": CT_RATE_LT_FINDINGS}.get(item.lower(), [item] if item else [])
         out += [n for n in expand if n.lower() not in {o.lower() for o in out}]
-    if not out:
-        from medalign.core.errors import InputError
+    from medalign.core.errors import InputError
 
+    if not out:
         raise InputError("No finding names were given.")
+    for name in out:
+        if len(name) > MAX_FINDING_CHARS:
+            raise InputError(
+                f"The finding \"{' '.join(name[:40].split())}...\" is {len(name)} characters long; describe a finding "
+                f"in at most {MAX_FINDING_CHARS} characters (a prompt encoder reads only the first few dozen words)."
+            )
     return out
 
 

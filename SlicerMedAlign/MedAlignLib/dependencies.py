@@ -27,6 +27,7 @@ REQUIREMENTS: dict[str, str] = {
     "matplotlib": "matplotlib>=3.7",
     "scipy": "scipy>=1.10",
     "filelock": "filelock>=3.12",
+    "psutil": "psutil>=5.9",
 }
 TORCH = "torch"
 

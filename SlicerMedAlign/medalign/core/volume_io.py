@@ -24,6 +24,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medalign.core.errors import InputError, MedAlignError
+from medalign.core.memory import check_volume_fits
 from medalign.core.volume import Volume
 
 __all__ = ["read_volume", "write_volume", "atomic_output", "atomic_write_text", "SUPPORTED_SUFFIXES"]
@@ -185,6 +186,7 @@ def _read_information(reader: sitk.ImageFileReader, path: Path) -> None:
     except RuntimeError:
         raise InputError(f"{path.name} is corrupt or not a readable image file.") from None
     _check_shape(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
+    check_volume_fits(path.name, reader.GetSize(), floating=reader.GetPixelID() not in _INT_TYPES)
 
 
 def _execute(reader: sitk.ImageFileReader | sitk.ImageSeriesReader, path: Path) -> sitk.Image:
@@ -221,10 +223,14 @@ class _NiftiLayout:
     """Where a NIfTI-1/2 file's voxels are and how they are stored, from its header."""
 
     offset: int
-    count: int
+    shape: tuple[int, ...]
     bitpix: int
     datatype: int
     byteorder: str  # "<" or ">"
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def needed_bytes(self) -> int:
@@ -252,6 +258,7 @@ def _check_nifti_complete(path: Path) -> None:
     layout = _nifti_layout(head)
     if layout is None:
         return  # not a NIfTI header we understand; ITK will judge it
+    check_volume_fits(path.name, layout.shape, floating=layout.datatype in _NIFTI_FLOATS)  # before any decoding
     needed = layout.needed_bytes
     if layout.datatype in _NIFTI_FLOATS:
         total = _scan_nifti_floats(path, layout)  # one pass: completeness and finiteness
@@ -330,10 +337,8 @@ def _nifti_layout(head: bytes) -> _NiftiLayout | None:
     ndim = dims[0]
     if not 1 <= ndim <= 7 or bitpix <= 0:
         return None
-    count = 1
-    for d in dims[1 : ndim + 1]:
-        count *= max(int(d), 1)
-    return _NiftiLayout(offset=int(vox_offset), count=count, bitpix=int(bitpix), datatype=int(datatype), byteorder=order)
+    shape = tuple(max(int(d), 1) for d in dims[1 : ndim + 1])
+    return _NiftiLayout(offset=int(vox_offset), shape=shape, bitpix=int(bitpix), datatype=int(datatype), byteorder=order)
 
 
 def _read_dicom_file(path: Path) -> Volume:
@@ -348,6 +353,7 @@ def _read_dicom_file(path: Path) -> Volume:
     if len(files) <= 1:
         # A lone file: an enhanced (multi-frame) DICOM is 3D on its own, a single slice is 2D.
         _check_shape(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
+        check_volume_fits(path.name, reader.GetSize(), floating=reader.GetPixelID() not in _INT_TYPES)
         image = _execute(reader, path)
         return _to_volume(image, path, "dicom", _meta(reader, "0008|0060"), _meta(reader, "0008|103e"))
     return _read_series(files, path.parent)
@@ -397,6 +403,9 @@ def _read_series(files: list[str], where: Path) -> Volume:
         raise InputError(f"The DICOM series in {where} is corrupt ({Path(files[0]).name} cannot be read).") from None
     if first.GetNumberOfComponents() != 1:
         raise InputError(f"The DICOM series in {where} is a colour image, not a grey-scale CT.")
+    rows_columns = first.GetSize()[:2]
+    check_volume_fits(f"The DICOM series in {where.name}", (*rows_columns, len(files)),
+                      floating=first.GetPixelID() not in _INT_TYPES)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()

@@ -64,7 +64,7 @@ def test_the_cli_refuses_it_with_exit_2(tmp_path, capsys):
 
 def test_estimate_follows_the_measured_rule_and_small_volumes_pass():
     assert memory.screening_bytes(1000, floating=False) == 1000 * memory.BYTES_PER_VOXEL
-    assert memory.screening_bytes(1000, floating=True) == 1000 * (memory.BYTES_PER_VOXEL + 4)
+    assert memory.screening_bytes(1000, floating=True) == 1000 * (memory.BYTES_PER_VOXEL + memory.FLOAT_EXTRA_BYTES_PER_VOXEL)
     free = memory.available_bytes()
     assert free is None or free > 0
     memory.check_volume_fits("small.nii.gz", (64, 64, 64), floating=True)  # no error

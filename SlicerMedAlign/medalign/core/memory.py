@@ -4,14 +4,16 @@ A 2.5 MB .nii.gz can announce 1024^3 voxels: decoding and screening it takes man
 the kernel's OOM killer ends the process minutes later without a word.  The estimate is
 the peak memory that screening a volume adds per voxel, measured (not guessed) with
 ``Testing/benchmarks/memory_peak.py``: peak RSS of ``medalign screen`` (18 findings with
-maps, demo model, CPU, glibc's default allocator) on synthetic int16 CTs:
+maps, demo model, CPU, glibc's default allocator) on synthetic CTs, in MiB:
 
-    64x256x256 (4.2 M voxels):   761 MB     256x512x512 (67 M voxels): 2087 MB
-    -> 22 bytes per voxel above a fixed ~0.7 GB (Python, torch, the model)
+    source    64x256x256 (4.2 M voxels)   256x512x512 (67 M voxels)   slope
+    int16     761                         2087                        22.1 bytes/voxel
+    float32   801                         2207                        23.4 bytes/voxel
 
-A float32 source costs 4 bytes more per voxel (decoded image and array at 4 bytes
-instead of 2).  The fixed part depends on the model and is not counted: the guard is for
-volumes that cannot fit at all, not a promise that everything else will.
+above a fixed ~0.7 GB (Python, torch, the model).  Rounded up: 23 bytes per voxel, one
+more for a floating-point source.  The fixed part depends on the model and is not
+counted: the guard is for volumes that cannot fit at all, not a promise that everything
+else will.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from pathlib import Path
 from medalign.core.errors import InputError
 
 #: Peak bytes screening adds per voxel of an integer (int16) source; measured, see above.
-BYTES_PER_VOXEL = 22
+BYTES_PER_VOXEL = 23
 #: Extra bytes per voxel when the source is floating point (decoded as float32).
-FLOAT_EXTRA_BYTES_PER_VOXEL = 4
+FLOAT_EXTRA_BYTES_PER_VOXEL = 1
 #: ``MEDALIGN_MEMORY_CHECK=off`` skips the guard (e.g. when swap or overcommit is trusted).
 OPT_OUT = "MEDALIGN_MEMORY_CHECK"
 

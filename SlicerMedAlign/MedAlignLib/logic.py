@@ -425,25 +425,14 @@ def is_medalign_map(node) -> bool:
     return node is not None and node.GetAttribute(ROLE) == "map"
 
 
-def _hotspot_mask(volume, threshold: float | None) -> np.ndarray | None:
-    """uint8 [k, j, i] mask of the engine's hotspot region; None when the engine finds none.
+def _hotspot_mask(volume, fraction: float | None) -> np.ndarray | None:
+    """uint8 [k, j, i] mask of the engine's hotspot region (``hotspot_region``, the rule
+    behind ``hotspot_of``: the connected voxels at or above ``fraction`` x the positive
+    peak); None when the map has no positive finite value."""
+    from medalign.inference.hotspot import hotspot_region
 
-    The rule (peak, threshold, extent) is the engine's ``hotspot_of``; here only its region
-    is drawn: the connected component of voxels >= its threshold that holds its peak.
-    """
-    from scipy import ndimage
-
-    from medalign.inference.screener import hotspot_of
-
-    hotspot = hotspot_of(volume) if threshold is None else hotspot_of(volume, float(threshold))
-    if hotspot is None:
-        return None
-    ras_to_ijk = np.linalg.inv(volume.ijk_to_ras)
-    i, j, k = np.rint((ras_to_ijk @ np.r_[hotspot.ras, 1.0])[:3]).astype(int)
-    labels, _count = ndimage.label(np.nan_to_num(volume.array, nan=-np.inf) >= hotspot.threshold)
-    if not labels[k, j, i]:
-        return None
-    return (labels == labels[k, j, i]).astype(np.uint8)
+    region = hotspot_region(volume.array) if fraction is None else hotspot_region(volume.array, fraction=float(fraction))
+    return None if region is None else region.mask.astype(np.uint8)
 
 
 def threshold_value(lo: float, hi: float, fraction: float) -> float:

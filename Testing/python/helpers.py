@@ -1,4 +1,6 @@
-"""Small builders shared by the engine tests (synthetic CTs, tiny checkpoints)."""
+"""Small builders shared by the engine tests (synthetic CTs, tiny models and checkpoints).
+
+They live here, not in the engine: product modules hold only what the product uses."""
 
 from __future__ import annotations
 
@@ -32,7 +34,34 @@ def synthetic_ct(shape_kji=(40, 64, 64), spacing=(5.0, 5.0, 6.0), seed: int = 0,
     return vol
 
 
+def tiny_config():
+    """A minute medalign model configuration: the real code paths, milliseconds per forward."""
+    from medalign.models.medalign_model import MedAlignConfig
+    from medalign.models.profiles import PreprocessProfile
+    from medalign.models.vit3d import ViT3DConfig
+
+    return MedAlignConfig(
+        vit=ViT3DConfig(width=32, depth=1, heads=2, mlp_dim=64, patch_size=(2, 2, 2), base_size=(8, 8, 8), in_channels=8),
+        stem_channels=(4, 8),
+        embed_dim=32,
+        bank_size=16,
+        profile=PreprocessProfile(name="medalign-tiny", spacing=(8.0, 8.0, 8.0), size=(32, 32, 32)),
+    )
+
+
+def tiny_test_model(seed: int = 0, device: str = "cpu"):
+    """Deterministic tiny medalign model with the real MiniLM text encoder."""
+    import torch
+
+    from medalign.models.medalign_model import MedAlignModel, build_text_encoder
+
+    torch.manual_seed(seed)
+    model = MedAlignModel(tiny_config(), text_encoder=None)
+    model.text_encoder = build_text_encoder(None, model.cfg)
+    return model.to(device).eval()
+
+
 def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    from medalign.models.medalign_model import save_checkpoint, tiny_test_model
+    from medalign.models.medalign_model import save_checkpoint
 
     return save_checkpoint(tiny_test_model(seed), path, extra={"thresholds": {"Lung nodule": 0.4}})

@@ -238,3 +238,39 @@ def test_real_cuda_oom_falls_back_and_frees_memory():
     assert dev.run_with_fallback(fn, device, log=logs.append) == f"cpu:{1024 * 1024}"
     assert len(logs) == 1
     assert torch.cuda.memory_allocated(device) == baseline
+
+
+# ----------------------------------------------------------------- --device on the command line
+
+
+@pytest.mark.parametrize("command", [["screen", "ct.nii.gz", "--out", "o"], ["batch", "cases", "--out", "o"],
+                                     ["eval", "--data", "d", "--out", "o"], ["train", "--data", "d", "--out", "o.safetensors"]])
+def test_every_torch_command_accepts_a_gpu_number(command):
+    """``cuda:N`` used to be refused by four copies of ``choices=[auto, cpu, cuda, mps]``."""
+    from medalign.cli.dispatch import build_parser
+
+    for name in ("auto", "cpu", "cuda", "cuda:1", "mps"):
+        assert build_parser().parse_args([*command, "--device", name]).device == name
+
+
+@pytest.mark.parametrize("name, phrase", [("tpu", "Unknown device 'tpu' (use auto, cpu, cuda, cuda:N or mps)"),
+                                          ("cuda:x", "Unknown device 'cuda:x'")])
+def test_a_misspelt_device_is_one_sentence_before_any_work(name, phrase, tmp_path, capsys):
+    from medalign.cli import main
+
+    missing = tmp_path / "missing.nii.gz"  # would be "does not exist" if the command ran
+    assert main(["screen", str(missing), "--out", str(tmp_path / "o"), "--device", name]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medalign: error: ") and phrase in err and err.count("\n") == 1
+    assert "does not exist" not in err and not (tmp_path / "o").exists()
+
+
+def test_an_absent_gpu_number_is_one_sentence(tmp_path, capsys):
+    from medalign.cli import main
+
+    number = torch.cuda.device_count() if torch.cuda.is_available() else 1
+    assert main(["screen", str(tmp_path / "x.nii.gz"), "--out", str(tmp_path / "o"), "--device", f"cuda:{number}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medalign: error: ") and err.count("\n") == 1
+    expected = f"CUDA device {number} was requested but only" if torch.cuda.is_available() else "sees no CUDA GPU"
+    assert expected in err

@@ -42,9 +42,10 @@ def test_training_on_gpu_in_bf16_lowers_the_loss(tmp_path):
     """The CUDA training path with --precision bf16 and a deeper local path: float32 weights out."""
     import dataclasses
 
+    from helpers import tiny_config
     from test_train_eval import _cohort
 
-    from medalign.models.medalign_model import read_checkpoint, tiny_config
+    from medalign.models.medalign_model import read_checkpoint
     from medalign.training.config import TrainConfig
     from medalign.training.loop import train
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -404,13 +407,13 @@ def test_nifti2_headers_are_understood(tmp_path):
     file ITK cannot decode still ends in one sentence."""
     import nibabel as nib
 
-    from medalign.core.volume_io import _nifti_needed_bytes
+    from medalign.core.volume_io import _nifti_layout
 
     data = np.arange(20 * 20 * 10, dtype=np.int16).reshape(20, 20, 10)
     path = tmp_path / "n2.nii.gz"
     nib.save(nib.Nifti2Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), path)
     raw = gzip.decompress(path.read_bytes())
-    assert _nifti_needed_bytes(raw[:540]) == len(raw) == 544 + data.nbytes
+    assert _nifti_layout(raw[:540]).needed_bytes == len(raw) == 544 + data.nbytes
     cut = tmp_path / "n2cut.nii.gz"
     cut.write_bytes(gzip.compress(raw[:-500]))  # a complete gzip stream, but too little voxel data
     with pytest.raises(InputError) as err:
@@ -420,3 +423,109 @@ def test_nifti2_headers_are_understood(tmp_path):
         assert read_volume(path).shape_ijk == (20, 20, 10)
     except InputError as exc:  # ITK builds without NIfTI-2 support refuse it cleanly
         assert_one_sentence(exc, "n2.nii.gz")
+
+
+# ----------------------------------------------------------------- NaN / infinity in NIfTI (issue 22 item 4)
+
+
+def _body_with(bad: float, where: tuple[int, int, int] | None, dtype=np.float32) -> np.ndarray:
+    array = np.full((20, 24, 24), -1000.0, dtype)
+    array[4:16, 6:18, 6:18] = 40.0
+    if where is None:
+        array[:] = bad
+    else:
+        array[where] = bad
+    return array
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("bad, where, word", [
+    (np.nan, (3, 3, 3), "NaN"), (np.inf, (19, 23, 23), "infinite"), (-np.inf, (0, 0, 0), "infinite"),
+    (np.nan, None, "NaN"),
+], ids=["one NaN", "+inf in the last voxel", "-inf in the first voxel", "all NaN"])
+def test_nan_or_inf_in_a_nifti_is_refused_in_one_sentence(tmp_path, suffix, bad, where, word):
+    """ITK's NIfTI reader turns NaN and infinity into 0, so the checks after reading never saw
+    them (an all-NaN file got "the same value (0) in every voxel")."""
+    path = tmp_path / f"ct{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(_body_with(bad, where)), str(path))
+    with pytest.raises(InputError) as err:
+        read_volume(path)
+    message = str(err.value)
+    assert f"contains {word} voxel values" in message and "ct" in message and "\n" not in message
+    assert "same value" not in message
+
+
+def test_float64_big_endian_nifti_with_nan_is_refused(tmp_path):
+    import nibabel as nib
+
+    array = _body_with(np.nan, (5, 6, 7), np.float64).transpose(2, 1, 0).astype(">f8")
+    path = tmp_path / "be.nii"
+    nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+    with pytest.raises(InputError, match="contains NaN voxel values"):
+        read_volume(path)
+
+
+def test_finite_float_nifti_still_reads(tmp_path):
+    path = tmp_path / "ok.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(_body_with(0.0, (1, 1, 1))), str(path))
+    assert read_volume(path).array.dtype == np.float32
+
+
+def test_cli_refuses_an_all_nan_nifti_with_exit_2(tmp_path, capsys):
+    from medalign.cli import main
+
+    path = tmp_path / "allnan.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(_body_with(np.nan, None)), str(path))
+    assert main(["screen", str(path), "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medalign: error: allnan.nii.gz contains NaN voxel values") and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------- names that are not UTF-8 (issue 22 item 7)
+
+BAD = os.fsdecode(b"scan\xff\xfe")  # Latin-1 bytes from an old archive; Python keeps them as surrogates
+
+
+def _in_child(code: str) -> subprocess.CompletedProcess:
+    """ITK aborts the process on such names (exit 134), so the read runs in a child."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "SlicerMedAlign")})
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16: no undecodable bytes")
+def test_nifti_with_a_non_utf8_name_is_read_through_a_link(tmp_path):
+    volume = make_volume(np.int16)
+    path = write_volume(volume, tmp_path / "plain.nii.gz").rename(tmp_path / (BAD + ".nii.gz"))
+    proc = _in_child(
+        "import os, sys, json; from medalign.core.volume_io import read_volume; "
+        f"v = read_volume(os.fsdecode({os.fsencode(path)!r})); print(json.dumps([v.shape_ijk, v.metadata['path']]))"
+    )
+    assert proc.returncode == 0, proc.stderr[-500:]
+    shape, shown = json.loads(proc.stdout)
+    assert tuple(shape) == volume.shape_ijk and shown.endswith("scan\\xff\\xfe.nii.gz")
+    assert assert_same(volume, read_volume(path)) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # nothing added beside the input
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16: no undecodable bytes")
+def test_dicom_series_in_a_non_utf8_folder(tmp_path):
+    volume = make_volume(np.int16, direction=rotation(0.0, 0.4))
+    files = write_dicom_series(tmp_path / "series", volume)
+    folder = (tmp_path / "series").rename(tmp_path / BAD)
+    assert_same(volume, read_volume(folder))
+    assert_same(volume, read_volume(folder / Path(files[3]).name))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows file names are UTF-16: no undecodable bytes")
+def test_cli_screens_a_non_utf8_name_without_aborting(tmp_path):
+    from helpers import synthetic_ct
+
+    path = write_volume(synthetic_ct(), tmp_path / "ct.nii.gz").rename(tmp_path / (BAD + ".nii.gz"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "medalign.cli", "screen", os.fsencode(path), "--out", str(out),
+                           "--findings", "Lung nodule", "--no-maps", "--device", "cpu"],
+                          capture_output=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "SlicerMedAlign")})
+    assert proc.returncode == 0, proc.stderr[-800:]
+    assert b"scan\\xff\\xfe.nii.gz" in proc.stdout
+    assert json.loads((out / "results.json").read_text(encoding="utf-8"))["input"]["path"].endswith("scan\\xff\\xfe.nii.gz")

@@ -10,6 +10,7 @@ needs. (That the engine never imports Slicer, Qt or VTK is
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SOURCE = Path(__file__).resolve().parents[2] / "SlicerMedAlign"
@@ -93,3 +94,18 @@ def test_an_inference_module_importing_training_is_caught():
     ):
         assert layer_violations(fake, source), source
 
+
+
+_TEST_BUILDER = re.compile(r"(^|_)(tiny|fake|dummy|mock|stub)(_|$)|for_tests?$|^test_")
+
+
+def test_engine_holds_no_test_builders():
+    """Builders that only tests use (tiny models, fakes) live in Testing/python/helpers.py,
+    not in the product an installation ships."""
+    found = [
+        f"{path.relative_to(SOURCE)}:{node.name}"
+        for path in engine_files()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and _TEST_BUILDER.search(node.name)
+    ]
+    assert found == []

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,32 @@ def test_verify_rehashes_even_when_size_and_mtime_match(home, weights):
     assert not ok and "SHA-256" in message
 
 
+def test_rewritten_bytes_with_restored_mtime_are_rehashed_and_refused(home, weights):
+    """Issue 22 item 3: same size, restored mtime, different bytes must not pass the memo."""
+    registry.add("mine", weights, CONTENT_SHA)
+    registry.resolve_weights(registry.get("mine"))  # memo recorded
+    time.sleep(0.05)  # file times tick in jiffies (1-10 ms): the rewrite must land in a later tick
+    stat = weights.stat()
+    weights.write_bytes(CONTENT[::-1])
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    with pytest.raises(CheckpointError) as info:
+        registry.resolve_weights(registry.get("mine"))
+    message = str(info.value)
+    assert f"but {CONTENT_SHA} was registered" in message and "\n" not in message
+
+
+def test_another_file_moved_onto_the_path_is_rehashed(home, weights, tmp_path):
+    registry.add("mine", weights, CONTENT_SHA)
+    stat = weights.stat()
+    other = tmp_path / "other.bin"
+    other.write_bytes(CONTENT[::-1])
+    os.utime(other, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.replace(other, weights)
+    with pytest.raises(CheckpointError, match="was registered"):
+        registry.resolve_weights(registry.get("mine"))
+
+
 def test_verify_unregistered_builtin(home):
     ok, message = registry.verify("brgsa")
     assert not ok and "medalign models add brgsa" in message
@@ -322,3 +349,15 @@ def test_embedded_demo_model_carries_its_calibration():
     trained = set(extra["trained_findings"])
     assert set(extra["thresholds"]) == set(extra["validation_auc"]) == trained
     assert all(0.0 <= v <= 1.0 for v in extra["validation_auc"].values())
+
+
+# ----------------------------------------------------------------- families
+
+
+def test_one_family_list():
+    """Registry entries (``models add --family``) and model building read the same family
+    list; it was written twice, so a family added to one was unknown to the other."""
+    from medalign import models
+
+    assert models.FAMILY_LOADERS is registry.FAMILY_LOADERS
+    assert registry.FAMILIES == tuple(registry.FAMILY_LOADERS) == ("medalign", "brgsa", "ct-clip")

@@ -41,7 +41,7 @@ def new_app():
 def screened():
     """A fresh scene with one synthetic CT screened, three slice composite nodes and the
     module's parameter node (a vtkMRMLScriptedModuleNode, as the parameterNodeWrapper keeps it)."""
-    from medalign.models.medalign_model import tiny_test_model
+    from helpers import tiny_test_model
 
     app = new_app()
     node = node_from_volume(app.scene, synthetic_ct(blob_ras=(20.0, 30.0, -10.0)), "synthetic CT")
@@ -148,7 +148,7 @@ def test_ct_selector_hides_medalign_maps(screened):
     assert sorted(hidden_input_ids(scene)) == sorted(m.GetID() for m in maps.values())
     other = new_app()
     logic = ScreeningLogic(other.scene)
-    from medalign.models.medalign_model import tiny_test_model
+    from helpers import tiny_test_model
 
     ct = node_from_volume(other.scene, synthetic_ct(), "CT")
     logic.screen(ct, findings=["Atelectasis"], model=tiny_test_model(seed=0), device="cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,7 +38,9 @@ def _cohort(root, n=8):
 
 
 def test_short_training_lowers_loss_and_resumes(tmp_path):
-    from medalign.models.medalign_model import read_checkpoint, tiny_config
+    from helpers import tiny_config
+
+    from medalign.models.medalign_model import read_checkpoint
     from medalign.training.config import TrainConfig
     from medalign.training.loop import train
 
@@ -61,9 +64,10 @@ def test_training_can_start_from_another_models_weights(tmp_path):
     """Fine-tuning: ``init`` loads a checkpoint's weights (text projection included, so the
     text warm-up is skipped) under a fresh optimizer; a model of another shape is refused."""
     import torch
+    from helpers import tiny_config
 
     from medalign.core.errors import InputError
-    from medalign.models.medalign_model import read_checkpoint, tiny_config
+    from medalign.models.medalign_model import read_checkpoint
     from medalign.training.config import TrainConfig
     from medalign.training.loop import train
 
@@ -119,8 +123,9 @@ def test_deeper_local_path_trains_in_mixed_precision_and_reloads(tmp_path):
     import dataclasses
 
     import torch
+    from helpers import tiny_config
 
-    from medalign.models.medalign_model import load_checkpoint, read_checkpoint, tiny_config
+    from medalign.models.medalign_model import load_checkpoint, read_checkpoint
     from medalign.training.config import TrainConfig
     from medalign.training.loop import train
 
@@ -176,8 +181,9 @@ def test_cli_model_size_flags(tmp_path, monkeypatch, capsys):
 
 
 def test_eval_writes_metrics_roc_and_localization(tmp_path):
+    from helpers import tiny_test_model
+
     from medalign.evaluation.evaluate import evaluate
-    from medalign.models.medalign_model import tiny_test_model
 
     data = _cohort(tmp_path / "cohort", n=6)
     summary = evaluate(data, tmp_path / "eval", model=tiny_test_model(), findings=["Lung nodule"], device="cpu",
@@ -194,9 +200,10 @@ def test_eval_writes_metrics_roc_and_localization(tmp_path):
 def test_eval_shows_bootstrap_progress_and_checks_out_first(tmp_path, capsys):
     """The bootstrap ran silently for minutes after the screening bar reached 100%; a bad
     --out failed only after the whole cohort was screened."""
+    from helpers import tiny_test_model
+
     from medalign.core.errors import OutputError
     from medalign.evaluation.evaluate import evaluate
-    from medalign.models.medalign_model import tiny_test_model
 
     data = _cohort(tmp_path / "cohort", n=4)
     (tmp_path / "taken").write_text("x")
@@ -208,12 +215,13 @@ def test_eval_shows_bootstrap_progress_and_checks_out_first(tmp_path, capsys):
 
 
 def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
+    from helpers import tiny_test_model
     from sklearn.metrics import roc_auc_score
 
     from medalign.core.volume_io import read_volume
     from medalign.evaluation.metrics import youden_nearest_threshold
     from medalign.inference.screener import Screener
-    from medalign.models.medalign_model import load_checkpoint, save_checkpoint, tiny_test_model
+    from medalign.models.medalign_model import load_checkpoint, save_checkpoint
     from medalign.training.calibration import calibrate
 
     data = _cohort(tmp_path / "cohort", n=6)
@@ -261,7 +269,7 @@ def test_torchrun_two_processes_train_together(tmp_path):
     out = tmp_path / "ddp.safetensors"
     code = (
         "import sys; from pathlib import Path; from medalign.training.config import TrainConfig; from medalign.training.loop import train; "
-        "from medalign.models.medalign_model import tiny_config; "
+        f"sys.path.insert(0, r'{Path(__file__).resolve().parent}'); from helpers import tiny_config; "
         f"train(TrainConfig(data=Path(r'{data}'), out=Path(r'{out}'), steps=3, batch_size=2, device='cpu', "
         "warmup=1, model_config=tiny_config()), progress=False)"
     )

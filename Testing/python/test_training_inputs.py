@@ -202,7 +202,9 @@ def test_text_warm_up_makes_findings_decision_directions_orthogonal():
     the plain warm-up the findings' present-minus-absent directions are nearly parallel (one
     finding's score follows another's); the penalty removes the overlap and keeps every
     sentence nearest its own class."""
-    from medalign.models.medalign_model import MedAlignModel, build_text_encoder, tiny_config
+    from helpers import tiny_config
+
+    from medalign.models.medalign_model import MedAlignModel, build_text_encoder
     from medalign.training.losses import decision_directions, direction_overlap
     from medalign.training.sentences import finding_sentences
     from medalign.training.text_anchors import warm_up_text_projection
@@ -245,7 +247,9 @@ def test_embedded_demo_model_scores_findings_along_independent_directions():
 
 
 def test_local_head_depthwise_option_and_old_checkpoints():
-    from medalign.models.medalign_model import MedAlignConfig, MedAlignModel, tiny_config
+    from helpers import tiny_config
+
+    from medalign.models.medalign_model import MedAlignConfig, MedAlignModel
 
     cfg = tiny_config()
     assert not MedAlignConfig().local_depthwise  # new models leave it out

@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP
+from medalign.cli.options import FINDINGS_HELP, add_device_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per case + summary.csv)")
     p.add_argument("--model", default=None, help="registry model name (default: medalign-demo)")
     p.add_argument("--findings", default=None, help=FINDINGS_HELP)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
     p.set_defaults(func=run)

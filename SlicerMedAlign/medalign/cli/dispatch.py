@@ -19,6 +19,9 @@ from medalign.core.errors import MedAlignError
 # Order is the order shown in ``medalign --help``.
 COMMAND_MODULES = ["screen", "batch", "eval", "train", "phantoms", "label_reports", "models"]
 TORCH_COMMANDS = {"screen", "batch", "eval", "train"}
+# Commands re-run with glibc's tuned allocator (medalign.core.allocator): training only.
+# Screening peaks higher with it and is not faster (Testing/benchmarks/memory_peak.py).
+TUNED_ALLOCATOR_COMMANDS = {"train"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,14 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    if argv is None and args.command in TORCH_COMMANDS:  # a real command line, not a call from Python
+    if argv is None and args.command in TUNED_ALLOCATOR_COMMANDS:  # a real command line, not a call from Python
         from medalign.core.allocator import reexec_with_tuned_allocator
 
         reexec_with_tuned_allocator(sys.argv[1:])  # returns only when no re-run is needed
     try:
         if args.command in TORCH_COMMANDS:
-            from medalign.core.device import configure_cpu_threads
+            from medalign.core.device import configure_cpu_threads, resolve_device
 
+            if getattr(args, "device", None) is not None:
+                resolve_device(args.device)  # a misspelt or absent device: one sentence before any work
             configure_cpu_threads()  # the CPU thread count follows the machine (or MEDALIGN_THREADS)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit

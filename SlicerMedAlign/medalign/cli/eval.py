@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP
+from medalign.cli.options import FINDINGS_HELP, add_device_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="registry model name (default: medalign-demo)")
     p.add_argument("--weights", default=None, type=Path, help="evaluate this checkpoint instead of a registry entry")
     p.add_argument("--findings", default=None, help=FINDINGS_HELP + " (default: the labelled CT-RATE findings)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--bootstrap", type=_resamples, default=1000, metavar="N",
                    help="bootstrap resamples for the 95%% intervals (default 1000; 0: no intervals, fastest)")
     p.set_defaults(func=run)

@@ -1,7 +1,25 @@
-"""Command-line options that several sub-commands share, so they read and parse alike."""
+"""Command-line options shared by several sub-commands, defined once.
+
+Torch-free on purpose: every sub-command registers its options when the parser is
+built, and ``medalign models list`` or ``--help`` must not pay for importing torch.
+"""
 
 from __future__ import annotations
+
+import argparse
 
 # argparse %-formats help strings: a literal percent sign must be written "%%" here.
 FINDINGS_HELP = ('"A;B;..." finding names or free text, separated by ";"; "ct-rate" (the 18, default), '
                  '"ct-rate-lt" (15 rare ones) and "all" expand to those lists')
+
+DEVICE_HELP = (
+    "auto (CUDA, then Apple MPS, then CPU), cpu, cuda (the current GPU), cuda:N (GPU number N) or mps; "
+    "a device that is absent is refused before any work starts"
+)
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    """``--device`` for screen, batch, eval and train.  The value is checked (spelling and
+    whether that GPU exists) by ``medalign.core.device.resolve_device``, which the
+    dispatcher calls before the command runs, so a bad value is one sentence and exit 2."""
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)

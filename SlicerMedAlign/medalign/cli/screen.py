@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP
+from medalign.cli.options import FINDINGS_HELP, add_device_argument
 from medalign.core.progress import ProgressReporter
 
 
@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder (created; locked while the run writes)")
     p.add_argument("--model", default=None, help="registry model name (default: medalign-demo)")
     p.add_argument("--findings", default=None, help=FINDINGS_HELP)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
     p.add_argument("--sample", action="store_true", help="screen a generated sample chest CT (no data needed)")

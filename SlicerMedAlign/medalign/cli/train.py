@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from medalign.cli.options import add_device_argument
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -21,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_device_argument(p)
     p.add_argument("--cache", type=Path, default=None, help="folder for preprocessed tensors (reused across runs)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes preprocessing the volumes (default: every core); training does not depend on it")

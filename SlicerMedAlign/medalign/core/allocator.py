@@ -7,9 +7,16 @@ of its CPU time in the kernel.  Raising the mmap and trim thresholds keeps freed
 in the process for reuse.  Measured on 60 steps of the demo model's training (2 cores,
 identical losses): 1.52 -> 1.11 s per step, system time 57 -> 14 s.
 
-glibc reads these settings only when a process starts, so the command line re-runs
+glibc reads these settings only when a process starts, so ``medalign train`` re-runs
 itself once with them (``reexec_with_tuned_allocator``).  Torch-free on purpose: this
 runs before anything heavy is imported.
+
+Screening does not use them: freed blocks kept in the process raise its peak memory,
+and screening allocates a few large volume-sized arrays once rather than the same
+activations every step.  Peak RSS of ``medalign screen`` (18 findings with maps, 2 CPU
+cores, ``Testing/benchmarks/memory_peak.py``), tuned vs glibc defaults:
+64x256x256 825 vs 761 MB, 128x512x512 2033 vs 1376 MB, 256x512x512 2890 vs 2087 MB
+(133 vs 118 s); issue 22 reported 6.9 vs 3.6 GB on a 512^3 CT.
 """
 
 from __future__ import annotations

@@ -33,11 +33,11 @@ def mask_bit(mask: Volume, finding: str) -> np.ndarray | None:
     return ((mask.array.astype(np.int64) >> bit) & 1).astype(bool)
 
 
-def localization(map_volume: Volume, peak_ras: Sequence[float], mask: Volume, lesion: np.ndarray, tolerance_mm: float) -> dict:
-    """Pointing game (strict and with tolerance) and voxel AUC of one map against one mask."""
+def localization(map_volume: Volume, peak_ras: Sequence[float] | None, mask: Volume, lesion: np.ndarray, tolerance_mm: float) -> dict:
+    """Pointing game (strict and with tolerance) and voxel AUC of one map against one mask;
+    ``peak_ras`` None (a map without a hotspot) misses."""
     from scipy import ndimage
 
-    peak_ijk = mask.ras_to_ijk_points(np.asarray(peak_ras)[None])[0]
     tol = np.array([tolerance_mm / s for s in mask.spacing])
     # voxel AUC on the mask grid, every 2nd voxel along each axis to bound the cost
     k, j, i = (np.arange(0, n, 2) for n in lesion.shape)
@@ -46,9 +46,10 @@ def localization(map_volume: Volume, peak_ras: Sequence[float], mask: Volume, le
     ras = mask.ijk_to_ras_points(ijk)
     mijk = map_volume.ras_to_ijk_points(ras)
     values = ndimage.map_coordinates(map_volume.array, [mijk[:, 2], mijk[:, 1], mijk[:, 0]], order=1, mode="nearest")
+    peak_ijk = None if peak_ras is None else mask.ras_to_ijk_points(np.asarray(peak_ras)[None])[0]
     return {
-        "hit": pointing_hit(lesion, peak_ijk),
-        "hit_tolerant": pointing_hit(lesion, peak_ijk, tol),
+        "hit": peak_ijk is not None and pointing_hit(lesion, peak_ijk),
+        "hit_tolerant": peak_ijk is not None and pointing_hit(lesion, peak_ijk, tol),
         "voxel_auc": voxel_auc(values, lesion[kk, jj, ii]),
     }
 
@@ -90,10 +91,10 @@ def evaluate(
         for fi, name in enumerate(names):
             fr = result.finding(name)
             probs[ci, fi] = fr.probability
-            if mask is not None and labels[ci, fi] == 1 and fr.map is not None and fr.hotspot is not None:
+            if mask is not None and labels[ci, fi] == 1 and fr.map is not None:
                 lesion = mask_bit(mask, name)
-                if lesion is not None and lesion.any():
-                    loc[name].append(localization(fr.map, fr.hotspot.ras, mask, lesion, tol))
+                if lesion is not None and lesion.any():  # no hotspot (no positive map value) points nowhere: a miss
+                    loc[name].append(localization(fr.map, fr.hotspot.ras if fr.hotspot else None, mask, lesion, tol))
 
     per_finding = {}
     # 1000 resamples x 18 findings take minutes: a bar, so the run never looks stuck

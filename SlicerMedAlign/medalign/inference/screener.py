@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from medalign.core.errors import CancelledError
 from medalign.core.volume import Volume
-from medalign.inference.results import FindingResult, Hotspot, ScreeningResult, is_near_chance
+from medalign.inference.hotspot import hotspot_of
+from medalign.inference.results import FindingResult, ScreeningResult, is_near_chance
 from medalign.knowledge.findings import parse_findings  # noqa: F401 -- its import path since the start
 from medalign.models.base import ScreeningModel
 
@@ -47,6 +47,23 @@ def get_model(model: str | ScreeningModel | None, device: torch.device) -> tuple
     return _MODEL_CACHE[key], name
 
 
+def _move_model(model: ScreeningModel, device: torch.device) -> ScreeningModel:
+    """``model`` on ``device`` after a fallback, keeping the cache honest.
+
+    A cached registry model is filed under the device it sits on: moving the CUDA copy
+    to the CPU without re-filing it would hand the next CUDA request a CPU model (and a
+    CPU copy already cached is reused rather than duplicated).
+    """
+    key = next((k for k, cached in _MODEL_CACHE.items() if cached is model), None)
+    if key is None:  # the caller's own model object: theirs to place
+        return model.to(device)
+    del _MODEL_CACHE[key]
+    target = (key[0], str(device))
+    if target not in _MODEL_CACHE:
+        _MODEL_CACHE[target] = model.to(device)
+    return _MODEL_CACHE[target]
+
+
 @dataclass
 class PromptLatents:
     """Per finding: ensembled positive/negative latents and every variant (for uncertainty)."""
@@ -59,23 +76,6 @@ class PromptLatents:
 
 def _ensemble(latents: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(latents.mean(0, keepdim=True), dim=-1)
-
-
-def hotspot_of(map_volume: Volume, fraction: float = 0.5) -> Hotspot | None:
-    """Peak of a map and the connected region above ``fraction`` x peak around it."""
-    from scipy import ndimage
-
-    arr = map_volume.array
-    if arr.size == 0 or not np.isfinite(arr).any():
-        return None
-    k, j, i = np.unravel_index(int(np.nanargmax(arr)), arr.shape)
-    peak = float(arr[k, j, i])
-    threshold = peak * fraction if peak > 0 else peak
-    labels, _ = ndimage.label(arr >= threshold)
-    voxels = int((labels == labels[k, j, i]).sum())
-    voxel_mm3 = float(np.prod(map_volume.spacing))
-    ras = map_volume.ijk_to_ras_points(np.array([[i, j, k]]))[0]
-    return Hotspot(ras=tuple(float(v) for v in ras), value=peak, extent_mm3=voxels * voxel_mm3, threshold=threshold)
 
 
 class Screener:
@@ -166,7 +166,7 @@ class Screener:
         from medalign.inference.preprocess import prepare
 
         if device != self.device:  # fell back (GPU out of memory): move model and prompts once
-            self.model.to(device)
+            self.model = _move_model(self.model, device)
             self.device = device
             for p in self.prompts:
                 p.positive, p.negative, p.ensemble = (t.to(device) for t in (p.positive, p.negative, p.ensemble))

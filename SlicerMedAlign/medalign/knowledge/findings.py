@@ -86,12 +86,18 @@ FINDING_GROUPS: dict[str, list[str]] = {
 }
 
 
+# A finding is a name or a short description; longer text is a pasted report, and it
+# ends up in prompts, table cells and map file names.
+MAX_FINDING_CHARS = 200
+
+
 def parse_findings(text: str | Sequence[str] | None, separators: str = ";") -> list[str]:
     """"A;B" or a list -> clean, de-duplicated names; None/"" -> the 18 CT-RATE findings.
 
     The one parser of every command's --findings. The words "ct-rate", "ct-rate-lt" and
     "all" expand to those finding lists. ``separators`` other than ";" exist only for
-    ``label-reports``, which took "A,B" before and still does.
+    ``label-reports``, which took "A,B" before and still does. A finding longer than
+    ``MAX_FINDING_CHARS`` is refused in one sentence.
     """
     if text is None or (isinstance(text, str) and not text.strip()):
         return list(CT_RATE_FINDINGS)
@@ -100,10 +106,16 @@ def parse_findings(text: str | Sequence[str] | None, separators: str = ";") -> l
     for item in (s.strip() for s in items):
         expand = FINDING_GROUPS.get(item.lower(), [item] if item else [])
         out += [n for n in expand if n.lower() not in {o.lower() for o in out}]
-    if not out:
-        from medalign.core.errors import InputError
+    from medalign.core.errors import InputError
 
+    if not out:
         raise InputError("No finding names were given.")
+    for name in out:
+        if len(name) > MAX_FINDING_CHARS:
+            raise InputError(
+                f"The finding \"{' '.join(name[:40].split())}...\" is {len(name)} characters long; describe a finding "
+                f"in at most {MAX_FINDING_CHARS} characters (a prompt encoder reads only the first few dozen words)."
+            )
     return out
 
 

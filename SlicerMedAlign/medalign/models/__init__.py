@@ -11,14 +11,7 @@ import importlib
 from pathlib import Path
 
 from medalign.models.base import ImageFeatures, ScreeningModel
-
-# family name -> "module:function"; each function is
-# f(weights: Path, text_encoder: str | Path | None, device: str) -> ScreeningModel
-FAMILY_LOADERS: dict[str, str] = {
-    "medalign": "medalign.models.medalign_model:load_checkpoint",
-    "brgsa": "medalign.models.brgsa:load_brgsa",
-    "ct-clip": "medalign.models.ctclip:load_ctclip",
-}
+from medalign.models.registry import FAMILY_LOADERS  # the one family list
 
 
 def family_loader(family: str):

@@ -260,24 +260,3 @@ def load_checkpoint(weights: Path, text_encoder: str | Path | None = None, devic
     model.training_info = extra
     model.text_encoder = build_text_encoder(text_encoder, cfg)
     return model.to(device).eval()
-
-
-def tiny_config() -> MedAlignConfig:
-    """A minute model for tests: same code paths, milliseconds per forward."""
-    from medalign.models.profiles import PreprocessProfile
-
-    return MedAlignConfig(
-        vit=ViT3DConfig(width=32, depth=1, heads=2, mlp_dim=64, patch_size=(2, 2, 2), base_size=(8, 8, 8), in_channels=8),
-        stem_channels=(4, 8),
-        embed_dim=32,
-        bank_size=16,
-        profile=PreprocessProfile(name="medalign-tiny", spacing=(8.0, 8.0, 8.0), size=(32, 32, 32)),
-    )
-
-
-def tiny_test_model(seed: int = 0, device: str = "cpu") -> MedAlignModel:
-    """Deterministic small model with the real MiniLM text encoder (for tests and self-tests)."""
-    torch.manual_seed(seed)
-    model = MedAlignModel(tiny_config(), text_encoder=None)
-    model.text_encoder = build_text_encoder(None, model.cfg)
-    return model.to(device).eval()

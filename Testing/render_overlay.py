@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     view.set_foreground_volume_id(map_node.GetID())
     view.set_foreground_opacity(args.opacity)
     view.fit_view_to_content()
-    z = 0.5 * (box["min"][2] + box["max"][2]) if box else finding.hotspot.ras[2]
+    z = 0.5 * (box["min"][2] + box["max"][2]) if box else finding.hotspot.ras[2] if finding.hotspot else 0.0
     view.set_slice_value(z)
     view.render()
 

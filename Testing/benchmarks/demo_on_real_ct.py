@@ -25,6 +25,8 @@ CASES = ["chest_ct_lung_mass.nii.gz", "chest_cta_mediastinum_crop.nii.gz", "abdo
 
 def peak_in_box(result, finding: str, box: dict) -> tuple[bool, list[float], float]:
     f = result.finding(finding)
+    if f.hotspot is None:  # the map has no positive value: it points nowhere, a miss
+        return False, [], float("inf")
     ras = np.asarray(f.hotspot.ras)
     lo, hi = np.asarray(box["ras_box_mm"]["min"]), np.asarray(box["ras_box_mm"]["max"])
     centre = np.asarray(box["ras_center_mm"])

@@ -90,10 +90,10 @@ class Screener:
     ) -> None:
         from medalign.core.device import resolve_device
 
+        self.findings = parse_findings(findings)  # a bad finding list costs no model load
         self.device = resolve_device(device)
         self.precision = precision
         self.model, self.model_name = get_model(model, self.device)
-        self.findings = parse_findings(findings)
         self.prompts = self._prompt_latents()
 
     @torch.no_grad()

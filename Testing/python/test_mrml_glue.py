@@ -263,26 +263,41 @@ def test_hotspot_becomes_a_segment_at_the_map_peak(screened):
     from slicer import vtkOrientedImageData
 
     logic = screened["logic"]
-    seg_node, segment_id = logic.hotspot_to_segment("Lung nodule")
-    engine_map = screened["result"].finding("Lung nodule").map
-    labelmap = vtkOrientedImageData()
-    seg_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
-    world_to_image = vtk.vtkMatrix4x4()
-    labelmap.GetWorldToImageMatrix(world_to_image)
-    peak_ijk = np.unravel_index(int(np.argmax(engine_map.array)), engine_map.array.shape)[::-1]
-    peak_ras = engine_map.ijk_to_ras_points(np.array([peak_ijk]))[0]
-    ijk = np.rint((matrix_to_numpy(world_to_image) @ np.r_[peak_ras, 1.0])[:3]).astype(int)
-    extent = labelmap.GetExtent()
-    assert all(extent[2 * a] <= ijk[a] <= extent[2 * a + 1] for a in range(3))
-    assert labelmap.GetScalarComponentAsDouble(*ijk, 0) == 1
-    segmentation = seg_node.GetSegmentation()
-    assert segmentation.GetSegment(segment_id).GetName() == "Lung nodule"
-    # again: the segment is replaced, not duplicated; another finding extends the same node
-    seg_again, _ = logic.hotspot_to_segment("Lung nodule")
-    seg_other, other_id = logic.hotspot_to_segment("Emphysema")
-    assert seg_again is seg_node and seg_other is seg_node
-    names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
-    assert names == ["Emphysema", "Lung nodule"]
+    first, second = "Lung nodule", "Emphysema"
+    # The tiny random model's maps may hold no positive value, and such a map has no hotspot
+    # (test_results_view covers that). Lift both maps above zero (the peak stays in place)
+    # and put them back afterwards: the scene is shared by this module's tests.
+    lifted = {}
+    for name in (first, second):
+        voxels = numpy_support.vtk_to_numpy(logic.map_node(name).GetImageData().GetPointData().GetScalars())
+        lifted[name] = (voxels, voxels.copy())
+        voxels += np.float32(1.0 - voxels.min())
+        logic.map_node(name).GetImageData().Modified()
+    try:
+        seg_node, segment_id = logic.hotspot_to_segment(first)
+        engine_map = screened["result"].finding(first).map
+        labelmap = vtkOrientedImageData()
+        seg_node.GetBinaryLabelmapRepresentation(segment_id, labelmap)
+        world_to_image = vtk.vtkMatrix4x4()
+        labelmap.GetWorldToImageMatrix(world_to_image)
+        peak_ijk = np.unravel_index(int(np.argmax(engine_map.array)), engine_map.array.shape)[::-1]
+        peak_ras = engine_map.ijk_to_ras_points(np.array([peak_ijk]))[0]
+        ijk = np.rint((matrix_to_numpy(world_to_image) @ np.r_[peak_ras, 1.0])[:3]).astype(int)
+        extent = labelmap.GetExtent()
+        assert all(extent[2 * a] <= ijk[a] <= extent[2 * a + 1] for a in range(3))
+        assert labelmap.GetScalarComponentAsDouble(*ijk, 0) == 1
+        segmentation = seg_node.GetSegmentation()
+        assert segmentation.GetSegment(segment_id).GetName() == first
+        # again: the segment is replaced, not duplicated; another finding extends the same node
+        seg_again, _ = logic.hotspot_to_segment(first)
+        seg_other, other_id = logic.hotspot_to_segment(second)
+        assert seg_again is seg_node and seg_other is seg_node
+        names = sorted(segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments()))
+        assert names == sorted([first, second])
+    finally:
+        for name, (voxels, original) in lifted.items():
+            voxels[:] = original
+            logic.map_node(name).GetImageData().Modified()
 
 
 def test_cancel_mid_run_leaves_the_scene_unchanged(screened, tiny):

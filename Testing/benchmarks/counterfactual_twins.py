@@ -60,10 +60,11 @@ def twin_scores(screener: Screener, finding: str, seed: int, tolerance_mm: float
         phantom = make_phantom(seed, labels=off | {finding: label})
         result = screener(phantom.volume, with_maps=bool(label), check=False).findings[j]
         out["score_on" if label else "score_off"] = result.score
-        if label and result.map is not None and result.hotspot is not None:
+        if label and result.map is not None:  # a map without a hotspot points nowhere: a miss
             mask = Volume(phantom.mask, phantom.volume.ijk_to_ras)
             lesion = mask_bit(mask, finding)
-            loc = localization(result.map, result.hotspot.ras, mask, lesion, tolerance_mm)
+            peak = result.hotspot.ras if result.hotspot is not None else None
+            loc = localization(result.map, peak, mask, lesion, tolerance_mm)
             out["hit"], out["hit_tolerant"], out["voxel_auc"] = loc["hit"], loc["hit_tolerant"], loc["voxel_auc"]
     return out
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from trame.app import TrameApp
 from trame_server.utils.asynchronous import create_task
 
-from medalign.core.errors import MedAlignError
+from medalign.core.errors import InputError, MedAlignError
 from MedAlignLib.colors import inferno_rgb
 from MedAlignLib.run_controller import RunOutcome, RunState
 
@@ -47,8 +47,10 @@ def legend_gradient() -> str:
 def findings_request(preset: str, free_text: str) -> list[str]:
     """What the page asks for, as ``--findings`` items: the preset's group word (expanded
     by the engine's ``parse_findings``) plus each ';'-separated free-text finding."""
-    items = [preset] if preset else []
-    return items + [s.strip() for s in (free_text or "").split(";") if s.strip()]
+    items = ([preset] if preset else []) + [s.strip() for s in (free_text or "").split(";") if s.strip()]
+    if not items:  # an empty --findings would silently mean the default 18
+        raise InputError("Choose a findings preset or type at least one finding.")
+    return items
 
 
 class WebViewer(TrameApp):
@@ -76,7 +78,6 @@ class WebViewer(TrameApp):
         self.ui = build_page(self)
         self.server.controller.on_server_exited.add(self.close)
         self.server.add_protocol_to_configure(self._watch_connections)
-        self.state.change("opacity", "threshold")(self._on_display_changed)
         self.state.change("upload")(self._on_upload)
 
     # ------------------------------------------------------------------ state
@@ -103,6 +104,13 @@ class WebViewer(TrameApp):
         self.state.rows = self.session.rows()
         self.state.shown = self.session.shown_finding
         self.state.legend = self.session.legend()
+        self._render()
+
+    def _render(self) -> None:
+        """Ask every view for a new picture now (a change of the slice composite nodes or
+        of a display node alone can wait for the next interaction to be streamed)."""
+        for view in self.slicer_app.view_manager.get_views():
+            view.schedule_render()
 
     def _guard(self, action, *args):
         """Run a page action: a ``MedAlignError`` becomes the page's error line, never a crash."""
@@ -144,9 +152,11 @@ class WebViewer(TrameApp):
         self.state.status = f"Loaded {node.GetName()}. Choose a model and findings, then press Screen."
 
     # ------------------------------------------------------------------ run
-    def screen(self) -> None:
-        findings = findings_request(self.state.preset, self.state.free_text)
-        if self._guard(self.session.start, self.state.model, findings) is None and self.session.running:
+    def screen(self, model: str | None, preset: str, free_text: str) -> None:
+        """The page's choices come as arguments (what this browser shows), not from the
+        shared state, which another browser or a late sync could have changed."""
+        findings = self._guard(findings_request, preset, free_text)
+        if findings and self._guard(self.session.start, model, findings) is None and self.session.running:
             self.state.busy = True
             self.state.progress = 0.0
             self._started = asyncio.get_event_loop().time()
@@ -179,14 +189,22 @@ class WebViewer(TrameApp):
         self._guard(self.session.show, finding)
         self._refresh_results()
 
-    def _on_display_changed(self, opacity, threshold, **_) -> None:
-        self._guard(self.session.set_display, float(opacity), float(threshold))
+    def set_opacity(self, opacity: float) -> None:
+        self.state.opacity = float(opacity)
+        self._guard(self.session.set_display, self.state.opacity, self.state.threshold)
+        self._render()
+
+    def set_threshold(self, threshold: float) -> None:
+        self.state.threshold = float(threshold)
+        self._guard(self.session.set_display, self.state.opacity, self.state.threshold)
         self.state.legend = self.session.legend()
+        self._render()
 
     def hotspot(self) -> None:
         name = self._guard(self.session.hotspot_to_segment)
         if name:
             self.state.status = f"Hotspot of {name} created."
+            self._render()
 
     def export(self):
         """The report zip as a download attachment (None, with the error shown, on failure)."""

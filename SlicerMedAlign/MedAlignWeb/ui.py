@@ -56,7 +56,8 @@ def _run_panel(viewer) -> None:
     v3.VTextField(label="Free-text findings (separate with ;)", v_model=("free_text",), density="compact",
                   hide_details=True, disabled=("busy",), **tid("free-text"))
     with html.Div(classes="d-flex ga-2"):
-        v3.VBtn("Screen", click=viewer.screen, color="primary", disabled=("busy || !volume_name",),
+        v3.VBtn("Screen", click=(viewer.screen, "[model, preset, free_text]"), color="primary",
+                disabled=("busy || !volume_name",),
                 **tid("screen"))
         v3.VBtn("Cancel", click=viewer.cancel, color="error", v_show="busy", **tid("cancel"))
     v3.VProgressLinear(model_value=("progress",), height=8, color="primary", **tid("progress"))
@@ -85,9 +86,11 @@ def _results_panel(viewer) -> None:
             html.Span("{{ legend && legend.low.toFixed(2) }}")
             html.Span("shown from {{ legend && legend.threshold.toFixed(2) }}")
             html.Span("{{ legend && legend.high.toFixed(2) }}")
-    v3.VSlider(label="Opacity", v_model=("opacity",), min=0, max=1, step=0.05, density="compact", hide_details=True,
+    v3.VSlider(label="Opacity", v_model=("opacity",), update_modelValue=(viewer.set_opacity, "[$event]"),
+               min=0, max=1, step=0.05, density="compact", hide_details=True,
                disabled=("!shown",), **tid("opacity"))
-    v3.VSlider(label="Threshold", v_model=("threshold",), min=0, max=1, step=0.05, density="compact",
+    v3.VSlider(label="Threshold", v_model=("threshold",), update_modelValue=(viewer.set_threshold, "[$event]"),
+               min=0, max=1, step=0.05, density="compact",
                hide_details=True, disabled=("!shown",), **tid("threshold"))
     with html.Div(classes="d-flex ga-2"):
         v3.VBtn("Hotspot to segment", click=viewer.hotspot, size="small", disabled=("!shown || busy",),

@@ -74,6 +74,7 @@ class WebViewer(TrameApp):
                                         on_message=self._error, device=device)
         self._pump_task = None
         self._clients: set[str] = set()
+        self._run_owner: str | None = None  # the browser that pressed Screen
         self._init_state(volumes or [])
         self.ui = build_page(self)
         self.server.controller.on_server_exited.add(self.close)
@@ -157,6 +158,7 @@ class WebViewer(TrameApp):
         shared state, which another browser or a late sync could have changed."""
         findings = self._guard(findings_request, preset, free_text)
         if findings and self._guard(self.session.start, model, findings) is None and self.session.running:
+            self._run_owner = self._active_client()
             self.state.busy = True
             self.state.progress = 0.0
             self._started = asyncio.get_event_loop().time()
@@ -212,10 +214,17 @@ class WebViewer(TrameApp):
         return self.server.protocol.addAttachment(content) if content is not None else None
 
     # ------------------------------------------------------------------ life
+    def _active_client(self) -> str | None:
+        """The browser whose message is being handled: wslink records it on its web app
+        before calling a handler (wslink/protocol.py, ``last_active_client_id``); None if
+        this wslink does not say."""
+        handler = getattr(getattr(self.server.protocol, "publish", None), "__self__", None)
+        return getattr(getattr(handler, "web_app", None), "last_active_client_id", None)
+
     def _watch_connections(self, protocol) -> None:
-        """Count the browsers: when the last one leaves mid-run, the run it started is
-        cancelled (its process tree ended); a browser leaving while another stays cancels
-        nothing."""
+        """Follow the browsers: when the one that pressed Screen leaves mid-run, its run is
+        cancelled (the process tree ended, nothing left behind); another browser leaving
+        cancels nothing. If the starter is unknown, the last browser leaving cancels."""
         from wslink.websocket import LinkProtocol
 
         viewer = self
@@ -226,9 +235,10 @@ class WebViewer(TrameApp):
 
             def onClose(self, client_id):
                 viewer._clients.discard(client_id)
-                if not viewer._clients and viewer.session.running:
-                    logger.info("the last browser left mid-run: cancelling the screening")
-                    viewer.session.cancel()
+                owner = viewer._run_owner
+                if viewer.session.running and (client_id == owner or (owner is None and not viewer._clients)):
+                    logger.info("the browser that started the screening left: cancelling it")
+                    viewer.session.cancel("The browser that started the screening left; it was cancelled.")
 
         protocol.registerLinkProtocol(_Connections())
 

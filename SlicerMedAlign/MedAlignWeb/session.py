@@ -91,9 +91,9 @@ class ScreeningSession:
         if self.runs.state is RunState.RUNNING and process is not None:
             process.pump(0.0)
 
-    def cancel(self) -> bool:
+    def cancel(self, reason: str | None = None) -> bool:
         """End the run's whole process tree; False when nothing ran."""
-        return self.runs.cancel()
+        return self.runs.cancel(reason) if reason else self.runs.cancel()
 
     def close(self) -> None:
         """End what this session started (the server is going away): no child outlives it."""

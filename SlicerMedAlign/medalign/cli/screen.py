@@ -29,17 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-SAMPLE_FINDINGS = ("Lung nodule", "Pleural effusion", "Cardiomegaly")
-
-
 def _sample_volume(out: Path):
     """A synthetic chest CT with a few findings, so a fresh install can try the tool at once."""
     from medalign.core.volume_io import write_volume
-    from medalign.knowledge.findings import CT_RATE_FINDINGS
-    from medalign.synth.phantoms import make_phantom
+    from medalign.synth.phantoms import sample_chest_ct
 
-    labels = {f: int(f in SAMPLE_FINDINGS) for f in CT_RATE_FINDINGS}
-    phantom = make_phantom(seed=20261123, labels=labels)
+    phantom = sample_chest_ct()
     path = write_volume(phantom.volume, out / "sample_chest_ct.nii.gz")
     phantom.volume.metadata.update(path=str(path), format="nifti")
     return phantom.volume, path
@@ -55,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         print_table(result, sys.stdout)
         print(f"\nWrote {out / 'results.json'}, {out / 'results.csv'}" + ("" if args.no_maps else f" and {out / 'maps'}/"))
         if args.sample:
+            from medalign.synth.phantoms import SAMPLE_FINDINGS
+
             print(f"This was a generated sample ({source}) containing {', '.join(SAMPLE_FINDINGS).lower()}.\n"
                   f"Screen your own scan with:\n"
                   f"  medalign screen /path/to/ct.nii.gz --out results   (NIfTI, NRRD, MHA or a DICOM folder)")

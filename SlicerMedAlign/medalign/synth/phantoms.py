@@ -77,6 +77,18 @@ def _check_labels(labels: dict[str, int] | None) -> dict[str, int] | None:
     return {k: int(v) for k, v in labels.items()}
 
 
+SAMPLE_SEED = 20261123
+SAMPLE_FINDINGS = ("Lung nodule", "Pleural effusion", "Cardiomegaly")
+
+
+def sample_chest_ct():
+    """The bundled sample CT: one fixed phantom holding ``SAMPLE_FINDINGS`` and no other
+    CT-RATE finding, so ``medalign screen --sample`` and the web viewer's "Sample CT"
+    show the same scan (a fresh install can try the tool without data)."""
+    labels = {f: int(f in SAMPLE_FINDINGS) for f in CT_RATE_FINDINGS}
+    return make_phantom(seed=SAMPLE_SEED, labels=labels)
+
+
 def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple[float, float, float] | None = None,
                  prevalence: float = 0.3) -> Phantom:
     """One synthetic chest CT.

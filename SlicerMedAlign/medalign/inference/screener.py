@@ -17,6 +17,7 @@ from medalign.core.errors import CancelledError
 from medalign.core.volume import Volume
 from medalign.inference.hotspot import hotspot_of
 from medalign.inference.results import FindingResult, ScreeningResult, is_near_chance
+from medalign.inference.text_cache import cached_text_latents, model_identity, text_cache_enabled
 from medalign.knowledge.findings import parse_findings  # noqa: F401 -- its import path since the start
 from medalign.models.base import ScreeningModel
 
@@ -93,8 +94,16 @@ class Screener:
         self.findings = parse_findings(findings)  # a bad finding list costs no model load
         self.device = resolve_device(device)
         self.precision = precision
+        self._from_registry = not isinstance(model, ScreeningModel)
         self.model, self.model_name = get_model(model, self.device)
         self.prompts = self._prompt_latents()
+
+    def _text_identity(self) -> str:
+        """What keys this model's text latents on disk (registry name + weights SHA, or a digest)."""
+        if not text_cache_enabled():
+            return ""
+        registered = self.model_name if self._from_registry else None
+        return model_identity(self.model, registered)
 
     @torch.no_grad()
     def _prompt_latents(self) -> list[PromptLatents]:
@@ -103,7 +112,7 @@ class Screener:
         use_kb = self.model.use_knowledge_prompts
         sets = [build_prompts(f, self.model.prompt_templates, use_knowledge=use_kb) for f in self.findings]
         texts = [t for s in sets for t in (*s.positive, *s.negative)]
-        latents = self.model.text_latents(texts).float()
+        latents = cached_text_latents(self._text_identity(), texts, self.model.text_latents)
         out, at = [], 0
         for s in sets:
             pos = latents[at : at + len(s.positive)]

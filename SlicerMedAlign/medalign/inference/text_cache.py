@@ -54,10 +54,14 @@ def model_identity(model: ScreeningModel, registry_name: str | None) -> str:
     entries.
     """
     if registry_name is not None:
+        from medalign.core.errors import CheckpointError
         from medalign.models import registry
 
-        entry = registry.get(registry_name)
-        if entry.sha256:
+        try:
+            entry = registry.get(registry_name)
+        except CheckpointError:  # no longer registered (removed since it was loaded): go by its weights
+            entry = None
+        if entry is not None and entry.sha256:
             return f"{entry.name}|{entry.sha256}|{entry.text_encoder or 'default'}"
     return f"object|{_state_digest(model)}"
 

@@ -29,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FINDINGS = "Cardiomegaly;Pleural effusion;Lung nodule"  # the sample CT's findings: a short run
 START_TIMEOUT_S = 90
+NAMED_CT = "named_synthetic_ct.nii.gz"  # the CT given on the server's command line
 
 
 # ---------------------------------------------------------------------- uploads (no browser)
@@ -95,10 +96,16 @@ def server(tmp_path_factory):
     if shutil.which("chromium") is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium); absent here")
     pytest.importorskip("playwright", reason="needs playwright (pip install playwright)")
+    from helpers import synthetic_ct
+
+    from medalign.core.volume_io import write_volume
+
     tmp = tmp_path_factory.mktemp("web")
+    named_ct = write_volume(synthetic_ct(), tmp / NAMED_CT)  # offered as "CT on the server"
     port = _free_port()
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - open for the server's whole life
-    proc = subprocess.Popen([sys.executable, "-m", "medalign.cli", "web", "--port", str(port)], env=_env(tmp),
+    proc = subprocess.Popen([sys.executable, "-m", "medalign.cli", "web", "--port", str(port), str(named_ct)],
+                            env=_env(tmp),
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -291,6 +298,31 @@ def test_screen_the_sample_and_overlay_a_finding(page, server, tmp_path, capsys)
     page.wait_for_selector(f"{tid('legend')}:has-text('{names[0]}')", timeout=20_000)
     axial_pixels(page, lambda shot: (coloured(shot) & ~coloured(before)).sum() > 100)
     page.screenshot(path=os.environ.get("MEDALIGN_WEB_SCREENSHOT") or str(tmp_path / "web_viewer.png"))
+
+
+def test_results_table_shows_every_column_inside_the_panel(page):
+    """Issue 26 gap: in a 1500x900 window the held-out AUC column was cut off."""
+    load_sample(page)
+    ask_for(page, FINDINGS)
+    page.click(tid("screen"))
+    page.wait_for_selector(tid("result-row"), timeout=180_000)
+    panel = page.locator("nav.v-navigation-drawer").bounding_box()
+    table = page.locator(f"{tid('results')} table").bounding_box()
+    auc = page.locator(tid("column-auc"))
+    box = auc.bounding_box()
+    assert auc.is_visible() and auc.get_attribute("title").startswith("Held-out AUC")
+    assert box["x"] + box["width"] <= panel["x"] + panel["width"], "the AUC header lies inside the panel"
+    assert table["x"] + table["width"] <= panel["x"] + panel["width"], "the table fits the panel"
+    cell = page.locator(tid("result-row")).first.locator("td").nth(4).bounding_box()
+    assert cell["x"] + cell["width"] <= panel["x"] + panel["width"], "the AUC values are inside the panel"
+
+
+def test_a_ct_named_on_the_command_line_is_offered_and_loads(page):
+    page.click(tid("server-volume"))
+    page.click(f".v-overlay .v-list-item:has-text('{NAMED_CT}')")
+    # The scene is the server's (one per app): the name shown changes from the sample's.
+    page.wait_for_selector(f"{tid('volume-name')}:has-text('Loaded: named_synthetic_ct')", timeout=60_000)
+    assert not page.locator(tid("error")).is_visible()
 
 
 def test_cancel_ends_the_screening_process_tree(page, server):

@@ -29,6 +29,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FINDINGS = "Cardiomegaly;Pleural effusion;Lung nodule"  # the sample CT's findings: a short run
 START_TIMEOUT_S = 90
+VIEW_3D = 2  # index of the 3D view among the page's four view images (quad layout)
 NAMED_CT = "named_synthetic_ct.nii.gz"  # the CT given on the server's command line
 
 
@@ -205,6 +206,14 @@ def axial_pixels(page, until=None, timeout_s: float = 30.0) -> np.ndarray:
         time.sleep(0.25)
 
 
+def view_pixels(page, index: int) -> np.ndarray:
+    """RGB of one of the four views as the browser shows it, once steady."""
+    from PIL import Image
+
+    view = page.locator("img.image-display-area").nth(index)
+    return _steady(view, np.asarray(Image.open(io.BytesIO(view.screenshot())).convert("RGB")).astype(np.int16))
+
+
 def _steady(view, shot: np.ndarray, timeout_s: float = 6.0) -> np.ndarray:
     """The view once two pictures in a row agree: the first frame after a change may be
     the streamer's low-quality interactive one."""
@@ -230,6 +239,14 @@ def coloured(rgb: np.ndarray) -> np.ndarray:
     return (rgb.max(axis=2) - rgb.min(axis=2)) > 40
 
 
+def map_hues(rgb: np.ndarray) -> np.ndarray:
+    """Pixels in the map's purple-to-blue hues (inferno's low end: blue above green),
+    left of the colour legend; the CT's volume rendering is beige (red > green > blue)."""
+    hues = rgb[..., 2] > rgb[..., 1] + 12  # faint: the map is blended over the grey CT
+    hues[:, int(0.7 * rgb.shape[1]):] = False
+    return hues
+
+
 def press(page, slider: str, key: str, times: int = 1) -> None:
     thumb = page.locator(f"{tid(slider)} .v-slider-thumb")
     thumb.focus()
@@ -249,6 +266,7 @@ def test_screen_the_sample_and_overlay_a_finding(page, server, tmp_path, capsys)
     load_sample(page)
     ask_for(page, FINDINGS)
     before = axial_pixels(page)
+    before_3d = view_pixels(page, VIEW_3D)  # the CT's volume rendering, no map yet
     assert not coloured(before).any(), "the CT alone is grey"
     started = time.monotonic()
     page.click(tid("screen"))
@@ -259,6 +277,9 @@ def test_screen_the_sample_and_overlay_a_finding(page, server, tmp_path, capsys)
     assert new_colour.sum() > 100, "the map's colours appear in the slice view where it was grey"
     bright = new_colour & (shown[..., 0] > 180) & (shown[..., 0] > shown[..., 2] + 60)
     assert bright.sum() > 10, "the map's bright end (inferno orange/yellow: where it is high) shows"
+    three_d = view_pixels(page, VIEW_3D)
+    assert map_hues(three_d).sum() > 50 > map_hues(before_3d).sum(), \
+        "the map's colours appear in the 3D view (on the slice planes: the CT's volume rendering is off)"
     rows = page.locator(tid("result-row"))
     names = [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())]
     probabilities = [float(rows.nth(i).locator("td").nth(1).inner_text()) for i in range(rows.count())]

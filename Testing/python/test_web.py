@@ -334,6 +334,9 @@ def test_results_table_shows_every_column_inside_the_panel(page):
     assert auc.is_visible() and auc.get_attribute("title").startswith("Held-out AUC")
     assert box["x"] + box["width"] <= panel["x"] + panel["width"], "the AUC header lies inside the panel"
     assert table["x"] + table["width"] <= panel["x"] + panel["width"], "the table fits the panel"
+    lines = auc.evaluate("th => { const r = document.createRange(); r.selectNodeContents(th);"
+                         " return r.getClientRects().length; }")
+    assert lines == 1, f"the AUC header reads on one line, not squeezed into {lines}"
     cell = page.locator(tid("result-row")).first.locator("td").nth(4).bounding_box()
     assert cell["x"] + cell["width"] <= panel["x"] + panel["width"], "the AUC values are inside the panel"
 

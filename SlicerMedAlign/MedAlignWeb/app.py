@@ -105,7 +105,19 @@ class WebViewer(TrameApp):
         self.state.rows = self.session.rows()
         self.state.shown = self.session.shown_finding
         self.state.legend = self.session.legend()
+        self._show_slices_in_3d(bool(self.state.shown))
         self._render()
+
+    def _show_slices_in_3d(self, map_shown: bool) -> None:
+        """While a map is shown, turn the CT's volume rendering off: it hides the slice
+        planes (and so the map on them) in the 3D view. Back on when no map is shown."""
+        node = self.session.volume_node
+        if node is None:
+            return
+        for i in range(node.GetNumberOfDisplayNodes()):
+            display = node.GetNthDisplayNode(i)
+            if display is not None and display.IsA("vtkMRMLVolumeRenderingDisplayNode"):
+                display.SetVisibility(not map_shown)
 
     def _render(self) -> None:
         """Ask every view for a new picture now (a change of the slice composite nodes or

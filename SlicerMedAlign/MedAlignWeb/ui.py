@@ -11,6 +11,14 @@ from trame.ui.vuetify3 import SinglePageWithDrawerLayout
 from trame.widgets import html
 from trame.widgets import vuetify3 as v3
 
+RESULT_COLUMNS = (  # (header, tooltip with the full name, test id)
+    ("finding", "Finding", "finding"),
+    ("p", "Probability of the finding", "probability"),
+    ("\u00b1", "Uncertainty of the probability", "uncertainty"),
+    ("flag", "Flag", "flag"),
+    ("AUC", "Held-out AUC of the model for this finding", "auc"),
+)
+
 
 def tid(name: str) -> dict:
     """A ``data-testid`` attribute (trame passes unknown attributes on only when declared)."""
@@ -66,19 +74,21 @@ def _run_panel(viewer) -> None:
 
 
 def _results_panel(viewer) -> None:
+    # Short headers (full names as tooltips) and tight cells: all five columns fit the
+    # 420 px panel, held-out AUC included, without a horizontal scroll.
     with v3.VTable(density="compact", v_show="rows.length", **tid("results"), height="300px",
-                   fixed_header=True):
+                   fixed_header=True, classes="text-caption", style="table-layout: auto;"):
         with html.Thead(), html.Tr():
-            for title in ("finding", "prob.", "+/-", "flag", "held-out AUC"):
-                html.Th(title)
+            for title, tooltip, name in RESULT_COLUMNS:
+                html.Th(title, title=tooltip, classes="px-1", **tid(f"column-{name}"))
         with html.Tbody(), html.Tr(v_for="row in rows", key="row.finding", click=(viewer.show, "[row.finding]"),
                      style="cursor: pointer;", classes=("{'bg-blue-grey-darken-3': row.finding === shown}",),
                      **tid("result-row")):
-            html.Td("{{ row.finding }}")
-            html.Td("{{ row.probability.toFixed(3) }}")
-            html.Td("{{ row.uncertainty.toFixed(3) }}")
-            html.Td("{{ row.flag }}")
-            html.Td("{{ row.auc === null ? '-' : row.auc.toFixed(2) }}")
+            html.Td("{{ row.finding }}", classes="px-1", style="word-break: break-word;")
+            html.Td("{{ row.probability.toFixed(3) }}", classes="px-1")
+            html.Td("{{ row.uncertainty.toFixed(3) }}", classes="px-1")
+            html.Td("{{ row.flag }}", classes="px-1")
+            html.Td("{{ row.auc === null ? '-' : row.auc.toFixed(2) }}", classes="px-1")
     with html.Div(v_show="legend", **tid("legend")):
         html.Div("{{ legend && legend.finding }}: alignment map", classes="text-subtitle-2")
         html.Div(style=("{height: '14px', background: legend_gradient}",))

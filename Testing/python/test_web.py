@@ -29,6 +29,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FINDINGS = "Cardiomegaly;Pleural effusion;Lung nodule"  # the sample CT's findings: a short run
 START_TIMEOUT_S = 90
+VIEW_3D = 2  # index of the 3D view among the page's four view images (quad layout)
+NAMED_CT = "named_synthetic_ct.nii.gz"  # the CT given on the server's command line
 
 
 # ---------------------------------------------------------------------- uploads (no browser)
@@ -95,10 +97,16 @@ def server(tmp_path_factory):
     if shutil.which("chromium") is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium); absent here")
     pytest.importorskip("playwright", reason="needs playwright (pip install playwright)")
+    from helpers import synthetic_ct
+
+    from medalign.core.volume_io import write_volume
+
     tmp = tmp_path_factory.mktemp("web")
+    named_ct = write_volume(synthetic_ct(), tmp / NAMED_CT)  # offered as "CT on the server"
     port = _free_port()
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - open for the server's whole life
-    proc = subprocess.Popen([sys.executable, "-m", "medalign.cli", "web", "--port", str(port)], env=_env(tmp),
+    proc = subprocess.Popen([sys.executable, "-m", "medalign.cli", "web", "--port", str(port), str(named_ct)],
+                            env=_env(tmp),
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -198,6 +206,14 @@ def axial_pixels(page, until=None, timeout_s: float = 30.0) -> np.ndarray:
         time.sleep(0.25)
 
 
+def view_pixels(page, index: int) -> np.ndarray:
+    """RGB of one of the four views as the browser shows it, once steady."""
+    from PIL import Image
+
+    view = page.locator("img.image-display-area").nth(index)
+    return _steady(view, np.asarray(Image.open(io.BytesIO(view.screenshot())).convert("RGB")).astype(np.int16))
+
+
 def _steady(view, shot: np.ndarray, timeout_s: float = 6.0) -> np.ndarray:
     """The view once two pictures in a row agree: the first frame after a change may be
     the streamer's low-quality interactive one."""
@@ -223,6 +239,14 @@ def coloured(rgb: np.ndarray) -> np.ndarray:
     return (rgb.max(axis=2) - rgb.min(axis=2)) > 40
 
 
+def map_hues(rgb: np.ndarray) -> np.ndarray:
+    """Pixels in the map's purple-to-blue hues (inferno's low end: blue above green),
+    left of the colour legend; the CT's volume rendering is beige (red > green > blue)."""
+    hues = rgb[..., 2] > rgb[..., 1] + 12  # faint: the map is blended over the grey CT
+    hues[:, int(0.7 * rgb.shape[1]):] = False
+    return hues
+
+
 def press(page, slider: str, key: str, times: int = 1) -> None:
     thumb = page.locator(f"{tid(slider)} .v-slider-thumb")
     thumb.focus()
@@ -242,6 +266,7 @@ def test_screen_the_sample_and_overlay_a_finding(page, server, tmp_path, capsys)
     load_sample(page)
     ask_for(page, FINDINGS)
     before = axial_pixels(page)
+    before_3d = view_pixels(page, VIEW_3D)  # the CT's volume rendering, no map yet
     assert not coloured(before).any(), "the CT alone is grey"
     started = time.monotonic()
     page.click(tid("screen"))
@@ -252,6 +277,9 @@ def test_screen_the_sample_and_overlay_a_finding(page, server, tmp_path, capsys)
     assert new_colour.sum() > 100, "the map's colours appear in the slice view where it was grey"
     bright = new_colour & (shown[..., 0] > 180) & (shown[..., 0] > shown[..., 2] + 60)
     assert bright.sum() > 10, "the map's bright end (inferno orange/yellow: where it is high) shows"
+    three_d = view_pixels(page, VIEW_3D)
+    assert map_hues(three_d).sum() > 50 > map_hues(before_3d).sum(), \
+        "the map's colours appear in the 3D view (on the slice planes: the CT's volume rendering is off)"
     rows = page.locator(tid("result-row"))
     names = [rows.nth(i).locator("td").first.inner_text() for i in range(rows.count())]
     probabilities = [float(rows.nth(i).locator("td").nth(1).inner_text()) for i in range(rows.count())]
@@ -291,6 +319,34 @@ def test_screen_the_sample_and_overlay_a_finding(page, server, tmp_path, capsys)
     page.wait_for_selector(f"{tid('legend')}:has-text('{names[0]}')", timeout=20_000)
     axial_pixels(page, lambda shot: (coloured(shot) & ~coloured(before)).sum() > 100)
     page.screenshot(path=os.environ.get("MEDALIGN_WEB_SCREENSHOT") or str(tmp_path / "web_viewer.png"))
+
+
+def test_results_table_shows_every_column_inside_the_panel(page):
+    """Issue 26 gap: in a 1500x900 window the held-out AUC column was cut off."""
+    load_sample(page)
+    ask_for(page, FINDINGS)
+    page.click(tid("screen"))
+    page.wait_for_selector(tid("result-row"), timeout=180_000)
+    panel = page.locator("nav.v-navigation-drawer").bounding_box()
+    table = page.locator(f"{tid('results')} table").bounding_box()
+    auc = page.locator(tid("column-auc"))
+    box = auc.bounding_box()
+    assert auc.is_visible() and auc.get_attribute("title").startswith("Held-out AUC")
+    assert box["x"] + box["width"] <= panel["x"] + panel["width"], "the AUC header lies inside the panel"
+    assert table["x"] + table["width"] <= panel["x"] + panel["width"], "the table fits the panel"
+    lines = auc.evaluate("th => { const r = document.createRange(); r.selectNodeContents(th);"
+                         " return r.getClientRects().length; }")
+    assert lines == 1, f"the AUC header reads on one line, not squeezed into {lines}"
+    cell = page.locator(tid("result-row")).first.locator("td").nth(4).bounding_box()
+    assert cell["x"] + cell["width"] <= panel["x"] + panel["width"], "the AUC values are inside the panel"
+
+
+def test_a_ct_named_on_the_command_line_is_offered_and_loads(page):
+    page.click(tid("server-volume"))
+    page.click(f".v-overlay .v-list-item:has-text('{NAMED_CT}')")
+    # The scene is the server's (one per app): the name shown changes from the sample's.
+    page.wait_for_selector(f"{tid('volume-name')}:has-text('Loaded: named_synthetic_ct')", timeout=60_000)
+    assert not page.locator(tid("error")).is_visible()
 
 
 def test_cancel_ends_the_screening_process_tree(page, server):

@@ -65,3 +65,10 @@ def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     from medalign.models.medalign_model import save_checkpoint
 
     return save_checkpoint(tiny_test_model(seed), path, extra={"thresholds": {"Lung nodule": 0.4}})
+
+
+def new_app():
+    """A fresh slicer-core application (real MRML scene, volume I/O, views) for glue tests."""
+    from trame_slicer.core import SlicerApp
+
+    return SlicerApp()

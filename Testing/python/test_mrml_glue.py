@@ -17,7 +17,7 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install 't
 pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
 
 import vtk  # noqa: E402
-from helpers import synthetic_ct, tiny_checkpoint  # noqa: E402
+from helpers import new_app, synthetic_ct, tiny_checkpoint  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from medalign.core.errors import CancelledError, InputError, MedAlignError  # noqa: E402
@@ -37,12 +37,6 @@ from MedAlignLib import logic as glue  # noqa: E402
 from MedAlignLib.nodes import matrix_to_numpy  # noqa: E402
 
 FINDINGS = ["Lung nodule", "Emphysema", "Pleural effusion"]
-
-
-def new_app():
-    from trame_slicer.core import SlicerApp
-
-    return SlicerApp()
 
 
 def node_ids(scene) -> set[str]:

@@ -10,7 +10,7 @@ import pytest
 slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install 'trame-slicer[standalone]')")
 pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
 
-from helpers import synthetic_ct  # noqa: E402
+from helpers import new_app, synthetic_ct  # noqa: E402
 
 from medalign.core.errors import InputError  # noqa: E402
 from medalign.core.volume import Volume  # noqa: E402
@@ -29,12 +29,6 @@ from MedAlignLib import (  # noqa: E402
 from MedAlignLib import logic as glue  # noqa: E402
 
 FINDINGS = ["Lung nodule", "Emphysema", "Pleural effusion"]
-
-
-def new_app():
-    from trame_slicer.core import SlicerApp
-
-    return SlicerApp()
 
 
 @pytest.fixture()

@@ -22,6 +22,7 @@ from vtk.util import numpy_support  # noqa: E402
 
 from medalign.core.errors import CancelledError, InputError, MedAlignError  # noqa: E402
 from medalign.core.volume import Volume  # noqa: E402
+from medalign.models.calibration import Calibration, FindingCalibration  # noqa: E402
 from MedAlignLib import (  # noqa: E402
     TABLE_COLUMNS,
     BackgroundScreening,
@@ -60,8 +61,10 @@ def tiny():
 
     model = tiny_test_model(seed=0)
     # as calibration leaves them: emphysema clears its threshold but was near chance on held-out data
-    model.thresholds = {"Emphysema": 0.0, "Lung nodule": 0.0}
-    model.validation_auc = {"Emphysema": 0.55, "Lung nodule": 0.92}
+    model.calibration = Calibration({
+        "Emphysema": FindingCalibration(threshold=0.0, heldout_auc=0.55),
+        "Lung nodule": FindingCalibration(threshold=0.0, heldout_auc=0.92),
+    })
     return model
 
 

@@ -13,6 +13,7 @@ from medalign.core.errors import CancelledError
 from medalign.core.volume import Volume
 from medalign.inference.results import ScreeningResult
 from medalign.inference.screener import Screener, hotspot_of, parse_findings, screen
+from medalign.models.calibration import Calibration, FindingCalibration
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +158,10 @@ def test_near_chance_findings_are_reported_but_never_flagged(tmp_path):
     from medalign.inference.results import MIN_FLAG_AUC
 
     model = tiny_test_model(seed=0)
-    model.thresholds = {"Lung nodule": 0.0, "Atelectasis": 0.0}  # every probability clears them
-    model.validation_auc = {"Lung nodule": MIN_FLAG_AUC - 0.01, "Atelectasis": MIN_FLAG_AUC}
+    model.calibration = Calibration({  # thresholds of 0: every probability clears them
+        "Lung nodule": FindingCalibration(threshold=0.0, heldout_auc=MIN_FLAG_AUC - 0.01),
+        "Atelectasis": FindingCalibration(threshold=0.0, heldout_auc=MIN_FLAG_AUC),
+    })
     result = screen(synthetic_ct(), findings=["Lung nodule", "Atelectasis", "Emphysema"], model=model, device="cpu")
     nodule, atelectasis, emphysema = (result.finding(n) for n in ("Lung nodule", "Atelectasis", "Emphysema"))
     assert nodule.near_chance and not nodule.flagged

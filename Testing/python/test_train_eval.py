@@ -238,8 +238,8 @@ def test_calibration_stores_thresholds_and_held_out_auc(tmp_path):
         assert calibration[name]["threshold"] == pytest.approx(youden_nearest_threshold(truth[name], probs[:, j]), abs=1e-4)
     # the checkpoint carries both, so every front end flags the same way
     reloaded = load_checkpoint(path)
-    assert reloaded.validation_auc == {k: v["auc"] for k, v in calibration.items()}
-    assert reloaded.thresholds == {k: v["threshold"] for k, v in calibration.items()}
+    assert {k: c.heldout_auc for k, c in reloaded.calibration.findings.items()} == {k: v["auc"] for k, v in calibration.items()}
+    assert {k: c.threshold for k, c in reloaded.calibration.findings.items()} == {k: v["threshold"] for k, v in calibration.items()}
 
 
 def test_training_wordings_are_disjoint_from_inference_wordings():

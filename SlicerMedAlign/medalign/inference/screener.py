@@ -20,6 +20,7 @@ from medalign.inference.results import FindingResult, ScreeningResult, is_near_c
 from medalign.inference.text_cache import cached_text_latents, model_identity, text_cache_enabled
 from medalign.knowledge.findings import parse_findings  # noqa: F401 -- its import path since the start
 from medalign.models.base import ScreeningModel
+from medalign.models.calibration import Calibration
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -122,12 +123,9 @@ class Screener:
             out.append(PromptLatents(s.finding, pos, neg, torch.cat([_ensemble(pos), _ensemble(neg)])))
         return out
 
-    def thresholds(self) -> dict[str, float]:
-        return dict(getattr(self.model, "thresholds", {}) or {})
-
-    def validation_auc(self) -> dict[str, float]:
-        """Per-finding AUC on the held-out set the thresholds were chosen on (medalign models)."""
-        return dict(getattr(self.model, "validation_auc", {}) or {})
+    def calibration(self) -> Calibration:
+        """Thresholds, held-out AUCs and temperatures of the model (unfitted findings: defaults)."""
+        return self.model.calibration
 
     @torch.no_grad()
     def __call__(
@@ -189,7 +187,7 @@ class Screener:
         from medalign.inference.preprocess import token_map_to_volume
         from medalign.knowledge.findings import find
 
-        thresholds, validation_auc = self.thresholds(), self.validation_auc()
+        calibration = self.calibration()
         results = []
         dev = feats.global_latent.device
         for n, p in enumerate(self.prompts):
@@ -198,7 +196,8 @@ class Screener:
             n_pos = len(p.positive)
             every = self.model.logits(feats, torch.cat([p.ensemble, p.positive, p.negative]).to(dev))[0]
             logits, pos, neg = every[:2], every[2 : 2 + n_pos], every[2 + n_pos :]
-            prob = float(torch.softmax(logits, dim=0)[0])
+            fitted = calibration.of(p.finding)
+            prob = fitted.probability(float(logits[0] - logits[1]))  # = softmax over the pair at T = 1
             variants = torch.sigmoid(pos[:, None] - neg[None, :]).flatten()
             uncertainty = float(variants.std(unbiased=False)) if variants.numel() > 1 else 0.0
             map_volume = hotspot = None
@@ -211,19 +210,19 @@ class Screener:
             published = self.model.published_score(feats, p.positive[:1].to(dev))
             kb = find(p.finding)
             knowledge = {"definition": kb.definition} if kb is not None else {}
-            auc = validation_auc.get(p.finding)
+            auc = fitted.heldout_auc
             results.append(FindingResult(
                 name=p.finding,
                 probability=prob,
                 uncertainty=uncertainty,
-                flagged=prob >= thresholds.get(p.finding, 0.5) and not is_near_chance(auc),
+                flagged=prob >= fitted.threshold and not is_near_chance(auc),
                 score=float(logits[0] - logits[1]),
                 map=map_volume,
                 hotspot=hotspot,
                 knowledge=knowledge,
                 published_score=None if published is None else float(published[0, 0]),
                 validation_auc=auc,
-                threshold=thresholds.get(p.finding, 0.5),
+                threshold=fitted.threshold,
             ))
         return results
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from medalign.models.calibration import Calibration
 from medalign.models.profiles import PreprocessProfile
 
 
@@ -41,6 +42,8 @@ class ScreeningModel(nn.Module, ABC):
     use_knowledge_prompts: bool = True
     profile: PreprocessProfile
     prompt_templates: dict[str, list[str]]
+    # thresholds, held-out AUCs and temperatures fitted on labelled data (none until fitted)
+    calibration: Calibration = Calibration()
 
     # --- parity surface (issue 6): identical numbers to the reference code ---
     @abstractmethod

@@ -30,6 +30,7 @@ from torch import nn
 from medalign.core.errors import CheckpointError
 from medalign.models.bank import KnowledgeBank
 from medalign.models.base import ImageFeatures, ScreeningModel
+from medalign.models.calibration import Calibration
 from medalign.models.checkpoint_keys import check_state_keys, shapes
 from medalign.models.profiles import DEMO, PreprocessProfile
 from medalign.models.vit3d import ViT3D, ViT3DConfig
@@ -254,9 +255,8 @@ def load_checkpoint(weights: Path, text_encoder: str | Path | None = None, devic
     cfg, tensors, extra = read_checkpoint(weights)
     model = MedAlignModel(cfg, text_encoder=None)
     load_state_strict(model, tensors, Path(weights).name)
-    # per-finding decision thresholds chosen on held-out data at training time (ROC point nearest (0, 1))
-    model.thresholds = dict(extra.get("thresholds", {}))
-    model.validation_auc = dict(extra.get("validation_auc", {}))  # flags of near-chance findings are withheld
+    # per-finding thresholds and AUCs chosen on held-out data at training time (ROC point nearest (0, 1))
+    model.calibration = Calibration.from_checkpoint_extra(extra)
     model.training_info = extra
     model.text_encoder = build_text_encoder(text_encoder, cfg)
     return model.to(device).eval()

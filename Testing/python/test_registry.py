@@ -361,3 +361,20 @@ def test_one_family_list():
 
     assert models.FAMILY_LOADERS is registry.FAMILY_LOADERS
     assert registry.FAMILIES == tuple(registry.FAMILY_LOADERS) == ("medalign", "brgsa", "ct-clip")
+
+
+def test_a_stored_calibration_wins_over_the_checkpoints_for_that_finding_only(tmp_path, monkeypatch):
+    """Calibration fitted on a user's data is kept per model and applied by every later load."""
+    from medalign.models import load, registry
+    from medalign.models.calibration import Calibration, FindingCalibration
+
+    monkeypatch.setenv("MEDALIGN_HOME", str(tmp_path))
+    shipped = load("medalign-demo").calibration
+    registry.save_calibration("medalign-demo", Calibration({"Emphysema": FindingCalibration(0.3, 0.8, 1.7)}, "my cohort"))
+    model = load("medalign-demo")
+    assert model.calibration.of("Emphysema") == FindingCalibration(0.3, 0.8, 1.7)
+    assert model.calibration.of("Lung nodule") == shipped.of("Lung nodule")
+    assert model.calibration.fitted_on == "my cohort"
+    (tmp_path / "calibration" / "medalign-demo.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="calibration file .* is unreadable"):
+        load("medalign-demo")

@@ -39,6 +39,9 @@ def load(
     weights_path = Path(weights) if weights is not None else registry.resolve_weights(entry)
     text_encoder = text_encoder if text_encoder is not None else entry.text_encoder
     model = family_loader(entry.family)(weights_path, text_encoder, device)
+    stored = registry.load_calibration(entry.name)
+    if stored is not None:  # fitted on the user's own labelled data: wins over the checkpoint's
+        model.calibration = model.calibration.merged(stored)
     return model.eval()
 
 

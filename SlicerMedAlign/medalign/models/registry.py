@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlparse
 from medalign.core.atomic import write_json
 from medalign.core.errors import CheckpointError, InputError
 from medalign.core.resources import resources_dir
+from medalign.models.calibration import Calibration
 
 DEFAULT_MODEL = "medalign-demo"
 
@@ -457,6 +458,33 @@ def verify(name: str) -> tuple[bool, str]:
     return True, f"Model '{name}': {path} matches SHA-256 {entry.sha256}."
 
 
+def _calibration_path(name: str) -> Path:
+    return cache_dir() / "calibration" / f"{name}.json"
+
+
+def save_calibration(name: str, calibration: Calibration) -> Path:
+    """Store a calibration fitted on the user's labelled data for model ``name``; every later
+    ``models.load(name)`` applies it (over whatever the checkpoint itself carries)."""
+    get(name)  # an unknown name is one sentence, not a stray file
+    path = _calibration_path(name)
+    write_json(path, {"version": 1, "model": name, **calibration.to_dict()}, sort_keys=True)
+    return path
+
+
+def load_calibration(name: str) -> Calibration | None:
+    """The user's stored calibration for ``name``, or None; a corrupt file is one sentence."""
+    path = _calibration_path(name)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("model") != name:
+            raise ValueError("it names another model")
+        return Calibration.from_dict(data)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"The calibration file {path} is unreadable ({exc}); delete it or calibrate again.") from None
+
+
 def entry_as_dict(entry: ModelEntry) -> dict:
     """JSON-friendly view (for ``medalign models list --json`` and reports)."""
     data = asdict(entry)
@@ -474,6 +502,8 @@ __all__ = [
     "entry_as_dict",
     "get",
     "list_models",
+    "load_calibration",
+    "save_calibration",
     "remove",
     "resolve_weights",
     "resources_dir",

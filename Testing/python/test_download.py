@@ -257,37 +257,37 @@ def test_registry_url_with_wrong_hash_leaves_no_weights(server, home):
 
 def test_models_cli_add_list_download_verify_remove(server, home, capsys):
     url = server.base + "/weights/model.bin"
-    assert main(["models", "add", "ct-clip", "--weights", url, "--sha256", PAYLOAD_SHA.upper()]) == 0
+    assert main(["models", "add", "my-ct-clip", "--family", "ct-clip", "--weights", url, "--sha256", PAYLOAD_SHA.upper()]) == 0
     out = capsys.readouterr().out
-    assert "Registered model 'ct-clip' (family ct-clip)" in out
+    assert "Registered model 'my-ct-clip' (family ct-clip)" in out
 
     assert main(["models", "list"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("ct-clip"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("my-ct-clip"))
     assert "not downloaded" in line
 
-    assert main(["models", "verify", "ct-clip"]) == 1
+    assert main(["models", "verify", "my-ct-clip"]) == 1
     assert "not downloaded" in capsys.readouterr().err
 
-    assert main(["models", "download", "ct-clip", "--quiet"]) == 0
+    assert main(["models", "download", "my-ct-clip", "--quiet"]) == 0
     out = capsys.readouterr().out
-    cached = home / "weights" / "ct-clip" / "model.bin"
+    cached = home / "weights" / "my-ct-clip" / "model.bin"
     assert str(cached) in out and cached.read_bytes() == PAYLOAD
 
-    assert main(["models", "verify", "ct-clip"]) == 0
+    assert main(["models", "verify", "my-ct-clip"]) == 0
     assert PAYLOAD_SHA in capsys.readouterr().out
 
-    assert main(["models", "show", "ct-clip"]) == 0
+    assert main(["models", "show", "my-ct-clip"]) == 0
     shown = capsys.readouterr().out
     assert url in shown and "[downloaded]" in shown
 
     assert main(["models", "list"]) == 0
-    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("ct-clip"))
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("my-ct-clip"))
     assert "downloaded" in line and "not downloaded" not in line
 
-    assert main(["models", "remove", "ct-clip"]) == 0
+    assert main(["models", "remove", "my-ct-clip"]) == 0
     capsys.readouterr()
     assert not cached.exists()
-    assert registry.get("ct-clip").weights is None
+    assert "my-ct-clip" not in [e.name for e in registry.list_models()]
     assert len(server.requests) == 1
 
 

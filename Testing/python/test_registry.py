@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from medalign.core.errors import CheckpointError, InputError
+from medalign.core.resources import resources_dir
 from medalign.models import download as download_module
 from medalign.models import registry
 
@@ -38,9 +40,12 @@ def weights(tmp_path) -> Path:
 
 @pytest.fixture
 def fake_resources(tmp_path, monkeypatch) -> Path:
-    """An installation whose resources folder we control (the real demo weights come later)."""
+    """An installation whose resources folder we control: the package's model specs, no
+    weights and no cards (a test adds them)."""
     root = tmp_path / "resources"
-    (root / "models").mkdir(parents=True)
+    for spec in (resources_dir() / "models").glob("*/model.json"):
+        (root / "models" / spec.parent.name).mkdir(parents=True)
+        shutil.copy(spec, root / "models" / spec.parent.name / "model.json")
     monkeypatch.setattr(registry, "resources_dir", lambda: root)
     return root
 
@@ -88,8 +93,10 @@ def test_resources_dir_is_inside_the_package():
 
 def test_builtins_listed_default_first(home):
     entries = registry.list_models()
-    assert [e.name for e in entries[:3]] == [registry.DEFAULT_MODEL, "brgsa", "ct-clip"]
-    assert {e.name: e.family for e in entries} == {"medalign-demo": "medalign", "brgsa": "brgsa", "ct-clip": "ct-clip"}
+    assert [e.name for e in entries] == [registry.DEFAULT_MODEL, "brgsa", "colipri", "ct-clip", "merlin"]
+    assert {e.name: e.family for e in entries} == {
+        "medalign-demo": "medalign", "brgsa": "brgsa", "colipri": "colipri", "ct-clip": "ct-clip", "merlin": "merlin"
+    }
     assert all(e.builtin for e in entries)
     assert registry.get("brgsa").weights is None
 
@@ -97,15 +104,14 @@ def test_builtins_listed_default_first(home):
 def test_unknown_model_names_the_known_ones(home):
     with pytest.raises(CheckpointError) as info:
         registry.get("nope")
-    assert str(info.value) == "Unknown model 'nope' (known: medalign-demo, brgsa, ct-clip)."
+    assert str(info.value) == "Unknown model 'nope' (known: medalign-demo, brgsa, colipri, ct-clip, merlin)."
 
 
 def test_unregistered_builtin_says_how_to_register(home):
     with pytest.raises(CheckpointError) as info:
-        registry.resolve_weights(registry.get("ct-clip"))
-    assert str(info.value) == (
-        "Model 'ct-clip' has no weights registered; run: medalign models add ct-clip --weights PATH --sha256 HEX"
-    )
+        registry.resolve_weights(registry.get("brgsa"))
+    assert str(info.value).startswith("Model 'brgsa' has no weights registered (the authors' checkpoint")
+    assert str(info.value).endswith("; run: medalign models add brgsa --weights PATH --sha256 HEX")
 
 
 def test_models_load_reports_missing_registration(home):
@@ -124,7 +130,6 @@ def test_demo_missing_is_a_clear_error(home, fake_resources):
 
 def test_demo_weights_and_card_come_from_resources(home, fake_resources):
     folder = fake_resources / "models" / "medalign-demo"
-    folder.mkdir()
     (folder / "model.safetensors").write_bytes(CONTENT)
     (folder / "model.safetensors.sha256").write_text(f"{CONTENT_SHA.upper()}  model.safetensors\n")
     (folder / "MODEL_CARD.md").write_text("# demo card\n")
@@ -150,7 +155,7 @@ def test_add_persists_and_infers_family(home, weights):
     other = registry.add("my-model", weights, CONTENT_SHA)
     assert other.family == "medalign" and not other.builtin
     names = [e.name for e in registry.list_models()]
-    assert names == ["medalign-demo", "brgsa", "ct-clip", "my-model"]
+    assert names == ["medalign-demo", "brgsa", "colipri", "ct-clip", "merlin", "my-model"]
     # a fresh read of the file (as a new process would do) sees the same entries
     assert registry.get("my-model").weights == str(weights.resolve())
     assert registry.resolve_weights(registry.get("ct-clip")) == weights.resolve()
@@ -333,7 +338,9 @@ def test_weights_status_words(home, weights, fake_resources):
     assert status == {
         "medalign-demo": "missing",
         "brgsa": "unset",
-        "ct-clip": "unset",
+        "colipri": "not downloaded",
+        "ct-clip": "not downloaded",
+        "merlin": "not downloaded",
         "mine": "local",
         "remote": "not downloaded",
     }

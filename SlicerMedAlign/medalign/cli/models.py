@@ -35,9 +35,12 @@ def register(subparsers) -> None:
     p_add.add_argument("--text-encoder", default=None, metavar="PATH", help="local folder of the text encoder")
     p_add.add_argument("--description", default="", help="one line shown by 'models list'")
 
-    p_download = actions.add_parser("download", help="download (or resume) and verify a model's weights")
+    p_download = actions.add_parser(
+        "download", help="download (or resume) and verify a model's weights and text encoder (Hub models: pinned, hash-checked)"
+    )
     p_download.add_argument("name")
     p_download.add_argument("--quiet", action="store_true", help="no progress bar")
+    p_download.add_argument("--progress-lines", action="store_true", help="machine-readable progress lines (panel, web viewer)")
 
     p_verify = actions.add_parser("verify", help="re-hash a model's weights now")
     p_verify.add_argument("name")
@@ -48,36 +51,54 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run, models_parser=parser)
 
 
+def _size(entry: registry.ModelEntry) -> str:
+    size = entry.spec.size_bytes if entry.spec is not None else None
+    if size is None:
+        return "?"
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.0f} MB"
+
+
 def _list(args: argparse.Namespace) -> int:
     entries = registry.list_models()
     if args.json:
-        rows = [dict(registry.entry_as_dict(e), status=registry.weights_status(e)) for e in entries]
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([registry.entry_as_dict(e) for e in entries], indent=2))
         return 0
-    rows = [
+    header = ("NAME", "FAMILY", "LICENCE", "SIZE", "WEIGHTS", "TRAINED ON")
+    rows = [header] + [
         (
             e.name + (" *" if e.name == registry.DEFAULT_MODEL else ""),
             e.family,
+            e.spec.licence if e.spec is not None else "user-supplied",
+            _size(e),
             registry.weights_status(e),
-            e.description,
+            e.spec.trained_on if e.spec is not None else e.description,
         )
         for e in entries
     ]
-    header = ("NAME", "FAMILY", "WEIGHTS", "DESCRIPTION")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
-    print(f"* default model. Weights and registry: {registry.cache_dir()}")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row[:-1], widths)) + "  " + row[-1])
+    print(f"* default model. 'not downloaded': fetched from the Hugging Face Hub on first use or by "
+          f"'medalign models download NAME'. Registry and pins: {registry.cache_dir()}")
     return 0
 
 
 def _show(args: argparse.Namespace) -> int:
     entry = registry.get(args.name)
+    spec = entry.spec
+    hub_files = entry.hub_weights
+    where = f"{hub_files.repo_id}@{hub_files.revision}/{hub_files.files[0]}" if hub_files else entry.weights
     print(f"name:         {entry.name}{' (builtin)' if entry.builtin else ''}")
     print(f"family:       {entry.family}")
-    print(f"weights:      {entry.weights or '(not registered)'} [{registry.weights_status(entry)}]")
-    print(f"sha256:       {entry.sha256 or '-'}")
-    print(f"text encoder: {entry.text_encoder or '(family default)'}")
+    print(f"weights:      {where or '(not registered)'} [{registry.weights_status(entry)}]")
+    print(f"sha256:       {entry.sha256 or ('pinned on first download' if hub_files else '-')}")
+    encoder = entry.hub_text_encoder
+    print(f"text encoder: {entry.text_encoder or (f'{encoder.repo_id}@{encoder.revision}' if encoder else '(family default)')}")
+    if spec is not None:
+        print(f"licence:      {spec.licence}")
+        print(f"trained on:   {spec.trained_on}")
+        print(f"findings:     {spec.findings}")
+        print(f"citation:     {spec.citation}")
     if entry.description:
         print(f"description:  {entry.description}")
     print()
@@ -103,11 +124,14 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _download(args: argparse.Namespace) -> int:
-    entry = registry.get(args.name)
-    # A piped or logged run (Slicer's process launcher, CI) gets no carriage-return bar.
-    progress = not args.quiet and sys.stderr.isatty()
-    path = registry.resolve_weights(entry, allow_download=True, progress=progress)
-    print(f"Model '{entry.name}' weights ready: {path}")
+    from medalign.core.progress import ProgressReporter
+
+    if args.progress_lines:  # the panel's and the web viewer's bar
+        with ProgressReporter(f"downloading {args.name}", machine=True) as report:
+            paths = registry.download_model(args.name, progress=report)
+    else:  # a piped or logged run (CI) gets no carriage-return bar
+        paths = registry.download_model(args.name, progress=not args.quiet and sys.stderr.isatty())
+    print(f"Model '{args.name}' is ready: " + "; ".join(str(p) for p in paths))
     return 0
 
 

@@ -76,6 +76,14 @@ class PromptLatents:
     ensemble: torch.Tensor  # (2, D): mean positive, mean negative (renormalised)
 
 
+def _default_findings(model: str | ScreeningModel | None) -> str | None:
+    if isinstance(model, ScreeningModel):
+        return getattr(model, "default_findings", None)
+    from medalign.models.registry import DEFAULT_MODEL, default_findings
+
+    return default_findings(model or DEFAULT_MODEL)
+
+
 def _ensemble(latents: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(latents.mean(0, keepdim=True), dim=-1)
 
@@ -92,7 +100,8 @@ class Screener:
     ) -> None:
         from medalign.core.device import resolve_device
 
-        self.findings = parse_findings(findings)  # a bad finding list costs no model load
+        # a bad finding list costs no model load; none asked for: the model's own list (its spec's)
+        self.findings = parse_findings(findings if findings is not None else _default_findings(model))
         self.device = resolve_device(device)
         self.precision = precision
         self._from_registry = not isinstance(model, ScreeningModel)

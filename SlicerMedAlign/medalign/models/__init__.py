@@ -1,7 +1,8 @@
 """Model families and the one entry point that builds a ready-to-screen model.
 
-``load(name, weights=PATH, text_encoder=PATH_OR_NONE)`` is the parity surface shared by
-the demo model, BrgSA and CT-CLIP.  Families are imported lazily so that ``medalign
+``load(name, weights=PATH, text_encoder=PATH_OR_NONE)`` is the one factory: a model's
+spec (``resources/models/<name>/model.json``, ``models.spec``) or the user's registration
+says where weights and text encoder come from, ``FAMILY_LOADERS`` which code builds it.  Families are imported lazily so that ``medalign
 models list`` stays fast and a broken optional family never blocks the others.
 """
 
@@ -37,7 +38,7 @@ def load(
 
     entry = registry.get(name)
     weights_path = Path(weights) if weights is not None else registry.resolve_weights(entry)
-    text_encoder = text_encoder if text_encoder is not None else entry.text_encoder
+    text_encoder = text_encoder if text_encoder is not None else registry.resolve_text_encoder(entry)
     model = family_loader(entry.family)(weights_path, text_encoder, device)
     stored = registry.load_calibration(entry.name)
     if stored is not None:  # fitted on the user's own labelled data: wins over the checkpoint's

@@ -14,6 +14,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -22,6 +23,8 @@ from filelock import FileLock  # a torch dependency, so always present
 from medalign import __version__
 from medalign.core.atomic import publish
 from medalign.core.errors import CheckpointError
+
+ProgressFn = Callable[[float, str], None]
 
 _CHUNK = 1 << 20
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
@@ -36,7 +39,10 @@ def sha256_file(path: Path, chunk: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
-def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
+def _progress_bar(total: int | None, initial: int, name: str, enabled: bool | ProgressFn):
+    """A tqdm bar for people, or ``enabled(fraction, message)`` calls for a front end's bar."""
+    if callable(enabled):
+        return _ReportedBar(total, initial, name, enabled)
     from tqdm.auto import tqdm
 
     return tqdm(
@@ -49,6 +55,29 @@ def _progress_bar(total: int | None, initial: int, name: str, enabled: bool):
         disable=not enabled,
         leave=False,
     )
+
+
+class _ReportedBar:
+    """The bar's ``update`` turned into ``(fraction, "name 12/345 MB")`` reports, at most
+    one per percent so a pipe to the panel is not flooded."""
+
+    def __init__(self, total: int | None, initial: int, name: str, report: ProgressFn) -> None:
+        self.total, self.done, self.name, self.report, self._last = total, initial, name, report, -1
+
+    def __enter__(self) -> _ReportedBar:
+        self.update(0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        self.done += n
+        fraction = self.done / self.total if self.total else 0.0
+        if int(fraction * 100) != self._last:
+            self._last = int(fraction * 100)
+            total = f"/{self.total / 1e6:.0f}" if self.total else ""
+            self.report(min(1.0, fraction), f"{self.name} {self.done / 1e6:.0f}{total} MB")
 
 
 def _finish(part: Path, dest: Path, digest: hashlib._Hash, sha256: str | None, url: str) -> Path:
@@ -64,7 +93,7 @@ def _finish(part: Path, dest: Path, digest: hashlib._Hash, sha256: str | None, u
     return publish(part, dest)
 
 
-def _copy_file_url(url: str, dest: Path, part: Path, sha256: str | None, progress: bool) -> Path:
+def _copy_file_url(url: str, dest: Path, part: Path, sha256: str | None, progress: bool | ProgressFn) -> Path:
     source = Path(unquote(urlparse(url).path))
     if not source.is_file():
         raise CheckpointError(f"Cannot download {url}: {source} does not exist.")
@@ -89,8 +118,8 @@ def _hash_existing(part: Path) -> hashlib._Hash:
     return digest
 
 
-def _open(url: str, offset: int, timeout: float):
-    headers = {"User-Agent": f"medalign/{__version__}", "Accept-Encoding": "identity"}
+def _open(url: str, offset: int, timeout: float, extra_headers: dict[str, str] | None = None):
+    headers = {"User-Agent": f"medalign/{__version__}", "Accept-Encoding": "identity", **(extra_headers or {})}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
@@ -103,16 +132,21 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 (urllib hook)
         if urlparse(newurl).scheme.lower() not in ("http", "https"):
             raise urllib.error.HTTPError(newurl, code, f"redirect to a non-http(s) URL {newurl}", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urlparse(newurl).netloc != urlparse(req.full_url).netloc:
+            new.remove_header("Authorization")  # a Hub token never travels to a CDN or mirror
+        return new
 
 
-def _http_once(url: str, dest: Path, part: Path, sha256: str | None, progress: bool, resume: bool, timeout: float) -> Path:
+def _http_once(
+    url: str, dest: Path, part: Path, sha256: str | None, progress: bool | ProgressFn, resume: bool, timeout: float, how: dict
+) -> Path:
     host = urlparse(url).netloc
     offset = part.stat().st_size if (resume and part.is_file()) else 0
     if not resume:
         part.unlink(missing_ok=True)
     try:
-        response = _open(url, offset, timeout)
+        response = _open(url, offset, timeout, how.get("headers"))
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
             # The part already holds the whole file (or more): judge it by its hash.
@@ -121,7 +155,7 @@ def _http_once(url: str, dest: Path, part: Path, sha256: str | None, progress: b
             if sha256 is not None and digest.hexdigest() == sha256.lower():
                 return _finish(part, dest, digest, sha256, url)
             part.unlink(missing_ok=True)
-            return _http_once(url, dest, part, sha256, progress, resume, timeout)
+            return _http_once(url, dest, part, sha256, progress, resume, timeout, how)
         raise CheckpointError(f"Download of {url} failed: HTTP {exc.code} {exc.reason}.") from None
     except urllib.error.URLError as exc:
         raise CheckpointError(f"Cannot reach {host} to download {url} ({exc.reason}).") from None
@@ -138,7 +172,7 @@ def _http_once(url: str, dest: Path, part: Path, sha256: str | None, progress: b
                 # A range we did not ask for: start over rather than splice wrong bytes.
                 response.close()
                 part.unlink(missing_ok=True)
-                return _http_once(url, dest, part, sha256, progress, False, timeout)
+                return _http_once(url, dest, part, sha256, progress, False, timeout, how)
             digest = _hash_existing(part)
             mode = "ab"
         else:
@@ -149,7 +183,7 @@ def _http_once(url: str, dest: Path, part: Path, sha256: str | None, progress: b
         received = offset
         interrupted: BaseException | None = None
         try:
-            with open(part, mode) as out, _progress_bar(expected_total, offset, dest.name, progress) as bar:
+            with open(part, mode) as out, _progress_bar(expected_total, offset, how.get("label") or dest.name, progress) as bar:
                 while True:
                     try:
                         block = response.read(_CHUNK)
@@ -183,15 +217,19 @@ def download(
     url: str,
     dest: Path,
     sha256: str | None,
-    progress: bool = True,
+    progress: bool | ProgressFn = True,
     resume: bool = True,
     timeout: float = 30,
+    headers: dict[str, str] | None = None,
+    label: str | None = None,
 ) -> Path:
     """Fetch ``url`` into ``dest`` (verified against ``sha256`` when given) and return ``dest``.
 
     An existing ``dest`` with the right hash is reused.  A failed transfer leaves
     ``dest.part`` for the next call to resume; a hash mismatch leaves nothing.
+    ``headers`` go with every request (a Hub token); ``label`` names the progress bar.
     """
+    how = {"headers": headers, "label": label}
     dest = Path(dest)
     scheme = urlparse(url).scheme.lower()
     if scheme not in ("http", "https", "file"):
@@ -205,13 +243,13 @@ def download(
             return _copy_file_url(url, dest, part, sha256, progress)
         resumed = resume and part.is_file() and part.stat().st_size > 0
         try:
-            return _http_once(url, dest, part, sha256, progress, resume, timeout)
+            return _http_once(url, dest, part, sha256, progress, resume, timeout, how)
         except CheckpointError:
             if not resumed or part.exists():
                 raise
             # The hash failed after resuming: the old part may be from an older upload.
             # One clean attempt from byte zero tells a stale part from a bad file.
-            return _http_once(url, dest, part, sha256, progress, False, timeout)
+            return _http_once(url, dest, part, sha256, progress, False, timeout, how)
 
 
 __all__ = ["download", "sha256_file"]

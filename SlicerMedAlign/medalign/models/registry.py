@@ -25,6 +25,8 @@ from medalign.core.atomic import write_json
 from medalign.core.errors import CheckpointError, InputError
 from medalign.core.resources import resources_dir
 from medalign.models.calibration import Calibration
+from medalign.models.download import ProgressFn
+from medalign.models.spec import HubFiles, ModelSpec, builtin_specs
 
 DEFAULT_MODEL = "medalign-demo"
 
@@ -56,10 +58,24 @@ class ModelEntry:
     card: Path | None  # MODEL_CARD.md, when one ships with the package
     description: str
     builtin: bool
+    spec: ModelSpec | None = None  # the package's description of a built-in model
 
     @property
     def is_url(self) -> bool:
         return self.weights is not None and _is_url(self.weights)
+
+    @property
+    def hub_weights(self) -> HubFiles | None:
+        """The Hub files this entry's weights come from (None once the user registered their own)."""
+        if self.weights is not None or self.spec is None or self.spec.weights.kind != "hub":
+            return None
+        return self.spec.weights.hub
+
+    @property
+    def hub_text_encoder(self) -> HubFiles | None:
+        if self.text_encoder is not None or self.spec is None or self.spec.text_encoder.kind != "hub":
+            return None
+        return self.spec.text_encoder.hub
 
 
 # --------------------------------------------------------------------------- locations
@@ -82,60 +98,39 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "medalign"
 
 
-def _model_dir(name: str) -> Path:
-    return resources_dir() / "models" / name
-
-
 def _demo_weights() -> Path:
-    return _model_dir(DEFAULT_MODEL) / "model.safetensors"
+    spec = builtin_specs(resources_dir() / "models")[DEFAULT_MODEL]
+    return spec.folder / (spec.weights.path or "model.safetensors")
 
 
-def _card(name: str) -> Path | None:
-    path = _model_dir(name) / "MODEL_CARD.md"
-    return path if path.is_file() else None
+def _bundled_sha(weights: Path) -> str | None:
+    sha_file = weights.with_name(weights.name + ".sha256")
+    if not sha_file.is_file():
+        return None
+    tokens = sha_file.read_text(encoding="utf-8").split()
+    return tokens[0].lower() if tokens else None
 
 
-# --------------------------------------------------------------------------- builtins
+def _entry_from_spec(spec: ModelSpec) -> ModelEntry:
+    weights = sha = None
+    if spec.weights.kind == "bundled":
+        path = spec.folder / (spec.weights.path or "model.safetensors")
+        weights, sha = str(path), _bundled_sha(path)
+    return ModelEntry(
+        name=spec.name,
+        family=spec.family,
+        weights=weights,
+        sha256=sha,
+        text_encoder=None,
+        card=spec.card_path,
+        description=spec.description,
+        builtin=True,
+        spec=spec,
+    )
 
 
 def _builtins() -> dict[str, ModelEntry]:
-    demo_sha = None
-    sha_file = _demo_weights().with_name(_demo_weights().name + ".sha256")
-    if sha_file.is_file():
-        tokens = sha_file.read_text(encoding="utf-8").split()
-        demo_sha = tokens[0].lower() if tokens else None
-    return {
-        DEFAULT_MODEL: ModelEntry(
-            name=DEFAULT_MODEL,
-            family="medalign",
-            weights=str(_demo_weights()),
-            sha256=demo_sha,
-            text_encoder=None,
-            card=_card(DEFAULT_MODEL),
-            description="Embedded demo model trained on synthetic CT phantoms (demo, not for clinical use).",
-            builtin=True,
-        ),
-        "brgsa": ModelEntry(
-            name="brgsa",
-            family="brgsa",
-            weights=None,
-            sha256=None,
-            text_encoder=None,
-            card=_card("brgsa"),
-            description="BrgSA 3D ViT-B with knowledge bank; bring your own checkpoint and CXR-BERT folder.",
-            builtin=True,
-        ),
-        "ct-clip": ModelEntry(
-            name="ct-clip",
-            family="ct-clip",
-            weights=None,
-            sha256=None,
-            text_encoder=None,
-            card=_card("ct-clip"),
-            description="CT-CLIP (CTViT + CXR-BERT); bring your own CT-CLIP_v2.pt and CXR-BERT folder.",
-            builtin=True,
-        ),
-    }
+    return {name: _entry_from_spec(spec) for name, spec in builtin_specs(resources_dir() / "models").items()}
 
 
 # --------------------------------------------------------------------------- user file
@@ -172,9 +167,10 @@ def _entry_from_user(name: str, raw: dict, base: ModelEntry | None) -> ModelEntr
         weights=raw.get("weights"),
         sha256=(raw.get("sha256") or "").lower() or None,
         text_encoder=raw.get("text_encoder") or (base.text_encoder if base else None),
-        card=base.card if base else _card(name),
+        card=base.card if base else None,
         description=str(raw.get("description") or (base.description if base else "")),
         builtin=base is not None,
+        spec=base.spec if base else None,
     )
 
 
@@ -379,9 +375,12 @@ def _require_registration(entry: ModelEntry) -> None:
                 "or its .sha256 file is absent); reinstall medalign."
             )
         return
+    if entry.hub_weights is not None:
+        return
     if entry.weights is None:
+        how = f" ({entry.spec.weights.how})" if entry.spec is not None and entry.spec.weights.how else ""
         raise CheckpointError(
-            f"Model '{entry.name}' has no weights registered; "
+            f"Model '{entry.name}' has no weights registered{how}; "
             f"run: medalign models add {entry.name} --weights PATH --sha256 HEX"
         )
     if not entry.sha256:
@@ -391,13 +390,20 @@ def _require_registration(entry: ModelEntry) -> None:
         )
 
 
-def resolve_weights(entry: ModelEntry, allow_download: bool | None = None, *, progress: bool = True) -> Path:
+def resolve_weights(entry: ModelEntry, allow_download: bool | None = None, *, progress: bool | ProgressFn = True) -> Path:
     """A local, hash-verified weight file for ``entry``, downloading it if needed and allowed.
 
     ``allow_download=None`` means "unless MEDALIGN_OFFLINE=1": offline sites (hospitals,
     clusters without egress) get a clear sentence instead of a hanging socket.
     """
     _require_registration(entry)
+    hub_files = entry.hub_weights
+    if hub_files is not None:
+        from medalign.models import hub
+
+        if allow_download is False and hub.cached_file(hub_files, hub_files.files[0]) is None:
+            raise CheckpointError(f"Weights for model '{entry.name}' are not downloaded; run: medalign models download {entry.name}")
+        return hub.fetch_file(hub_files, hub_files.files[0], entry.name, progress=progress)
     assert entry.weights is not None and entry.sha256 is not None
     if not entry.is_url or urlparse(entry.weights).scheme.lower() == "file":
         path = _url_local_path(entry.weights) if entry.is_url else Path(entry.weights)
@@ -427,6 +433,11 @@ def resolve_weights(entry: ModelEntry, allow_download: bool | None = None, *, pr
 
 def weights_status(entry: ModelEntry) -> str:
     """A cheap one-word state for listings (no hashing): ready / not downloaded / missing / unset."""
+    if entry.hub_weights is not None:
+        from medalign.models import hub
+
+        parts = [entry.hub_weights] + ([entry.hub_text_encoder] if entry.hub_text_encoder else [])
+        return "downloaded" if all(hub.is_downloaded(h) for h in parts) else "not downloaded"
     if entry.weights is None or (entry.name == DEFAULT_MODEL and not entry.sha256):
         return "missing" if entry.name == DEFAULT_MODEL else "unset"
     if entry.is_url and urlparse(entry.weights).scheme.lower() != "file":
@@ -442,6 +453,8 @@ def verify(name: str) -> tuple[bool, str]:
         _require_registration(entry)
     except CheckpointError as exc:
         return False, str(exc)
+    if entry.hub_weights is not None:
+        return _verify_hub(entry)
     assert entry.weights is not None and entry.sha256 is not None
     if entry.is_url and urlparse(entry.weights).scheme.lower() != "file":
         path = _download_target(entry)
@@ -485,10 +498,77 @@ def load_calibration(name: str) -> Calibration | None:
         raise CheckpointError(f"The calibration file {path} is unreadable ({exc}); delete it or calibrate again.") from None
 
 
+def _verify_hub(entry: ModelEntry) -> tuple[bool, str]:
+    from medalign.models import hub
+
+    checked = []
+    for files in (entry.hub_weights, entry.hub_text_encoder):
+        if files is None:
+            continue
+        _, shas = hub.pinned(files)
+        for filename in files.files:
+            path = hub.cached_file(files, filename)
+            if path is None or filename not in shas:
+                missing = f"{filename} of {files.repo_id} for model '{entry.name}' is not downloaded"
+                return False, f"{missing}; run: medalign models download {entry.name}"
+            try:
+                check_file_sha(path, shas[filename], f"{files.repo_id}/{filename}", use_memo=False)
+            except CheckpointError as exc:
+                return False, str(exc)
+            checked.append(filename)
+    return True, f"Model '{entry.name}': {len(checked)} Hub files match their pinned SHA-256."
+
+
+def check_file_sha(path: Path, expected: str, label: str, use_memo: bool = True) -> Path:
+    """``path`` if its SHA-256 is ``expected`` (memoised, see ``_stat_key``), else one sentence."""
+    return _check_local(path, expected, label, use_memo=use_memo)
+
+
+def resolve_text_encoder(entry: ModelEntry, *, progress: bool | ProgressFn = True) -> str | Path | None:
+    """The entry's text-encoder folder: the user's, the Hub snapshot (downloaded if needed),
+    or None for the family's default."""
+    if entry.text_encoder is not None:
+        return entry.text_encoder
+    files = entry.hub_text_encoder
+    if files is None:
+        return None
+    from medalign.models import hub
+
+    return hub.fetch_folder(files, entry.name, progress=progress)
+
+
+def download_model(name: str, *, progress: bool | ProgressFn = True) -> list[Path]:
+    """Fetch everything model ``name`` needs (weights, Hub text encoder); already-present files cost nothing."""
+    entry = get(name)
+    paths = [resolve_weights(entry, allow_download=True, progress=progress)]
+    encoder = resolve_text_encoder(entry, progress=progress)
+    return paths + ([Path(encoder)] if encoder is not None else [])
+
+
+def default_findings(name: str) -> str:
+    """The finding group a model screens when none are asked for (its spec's; CT-RATE otherwise)."""
+    try:
+        entry = get(name)
+    except CheckpointError:
+        return "ct-rate"
+    return entry.spec.findings if entry.spec is not None else "ct-rate"
+
+
 def entry_as_dict(entry: ModelEntry) -> dict:
     """JSON-friendly view (for ``medalign models list --json`` and reports)."""
     data = asdict(entry)
+    data.pop("spec", None)
     data["card"] = str(entry.card) if entry.card else None
+    spec = entry.spec
+    data.update({
+        "title": spec.title if spec else entry.name,
+        "licence": spec.licence if spec else "user-supplied",
+        "size_bytes": spec.size_bytes if spec else None,
+        "trained_on": spec.trained_on if spec else "",
+        "findings": spec.findings if spec else "ct-rate",
+        "source": spec.weights.kind if spec and (entry.weights is None or spec.weights.kind == "bundled") else "user",
+        "status": weights_status(entry),
+    })
     return data
 
 
@@ -499,12 +579,16 @@ __all__ = [
     "ModelEntry",
     "add",
     "cache_dir",
+    "check_file_sha",
+    "default_findings",
+    "download_model",
     "entry_as_dict",
     "get",
     "list_models",
     "load_calibration",
     "save_calibration",
     "remove",
+    "resolve_text_encoder",
     "resolve_weights",
     "resources_dir",
     "verify",

@@ -8,6 +8,7 @@ loader, tokenisation and map arithmetic are tested on any checkout.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -390,3 +391,28 @@ def test_tiny_screening_surface(tiny_model: CTCLIPModel) -> None:
     with pytest.raises(InputError) as info:
         tiny_model.encode_image(torch.zeros(1, 1, 6, 12, 16))
     assert_one_sentence(info.value, "12 x 12")
+
+
+def test_a_non_square_token_grid_takes_its_image_size_from_a_config_beside_the_weights(tiny: dict, tmp_path) -> None:
+    """A 2 x 3 token grid per slab (8 x 12 voxel slices) was refused as "not square"."""
+    from transformers import BertConfig, BertModel
+
+    config = dataclasses.replace(_tiny_config(), token_hw=(2, 3))
+    torch.manual_seed(1)
+    model = CTCLIPModel(config, BertModel(BertConfig.from_pretrained(str(tiny["folder"])))).eval()
+    sd = model.state_dict()
+    extra = {k: torch.full(shape, 0.5) for k, shape in config.droppable_keys(sd).items()}
+    weights = tmp_path / "wide.pt"
+    torch.save({**sd, **extra}, weights)
+
+    with pytest.raises(CheckpointError, match=r"not a square token grid .*config\.json beside the weights"):
+        load_ctclip(weights, tiny["folder"])
+    (tmp_path / "config.json").write_text(json.dumps({"image_size": [8, 11]}))
+    with pytest.raises(CheckpointError, match=r"image size 8 x 11 does not fit"):
+        load_ctclip(weights, tiny["folder"])
+    (tmp_path / "config.json").write_text(json.dumps({"image_size": [8, 12]}))
+    loaded = load_ctclip(weights, tiny["folder"])
+    assert loaded.config.token_hw == (2, 3) and loaded.profile.size[:2] == (8, 12)
+    image = _tiny_image(1)[..., :8, :12]
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode_image(image), model.encode_image(image), atol=1e-6)

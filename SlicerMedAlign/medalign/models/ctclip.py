@@ -69,19 +69,17 @@ class CTCLIPConfig:
         return self.token_hw[0] * self.token_hw[1] * self.vision.dim
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> CTCLIPConfig:
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], image_hw: tuple[int, int] | None = None) -> CTCLIPConfig:
+        """Sizes from tensor shapes. The token grid per slab cannot be read from them when it
+        is not square (to_visual_latent only sees h*w*dim inputs): ``image_hw``, the slice
+        size in voxels from a config beside the weights (``read_image_size``), settles it."""
         vision = CTViTConfig.from_state_dict(sd, VISUAL_PREFIX)
         for key in ("to_visual_latent.weight", "to_text_latent.weight", "temperature"):
             if key not in sd:
                 raise CheckpointError(f"The CT-CLIP checkpoint has no '{key}' tensor, so it is not a CT-CLIP model.")
         dim_latent, dim_image = sd["to_visual_latent.weight"].shape
-        side = math.isqrt(dim_image // vision.dim) if dim_image % vision.dim == 0 else 0
-        if side == 0 or side * side * vision.dim != dim_image:
-            raise CheckpointError(
-                f"The CT-CLIP checkpoint's to_visual_latent takes {dim_image} inputs, "
-                f"which is not a square token grid of {vision.dim}-d tokens."
-            )
-        return cls(vision=vision, token_hw=(side, side), dim_latent=dim_latent, dim_text=sd["to_text_latent.weight"].shape[1])
+        token_hw = _token_grid(dim_image, vision, image_hw)
+        return cls(vision=vision, token_hw=token_hw, dim_latent=dim_latent, dim_text=sd["to_text_latent.weight"].shape[1])
 
     def droppable_keys(self, sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
         """Tensors accepted but not kept, with their required shapes (see module docstring)."""
@@ -92,6 +90,48 @@ class CTCLIPConfig:
         if pos is not None:
             out[TEXT_PREFIX + "embeddings.position_ids"] = (1, pos.shape[0])
         return out
+
+
+IMAGE_SIZE_HELP = 'put a config.json beside the weights with "image_size": [height, width] in voxels'
+
+
+def _token_grid(dim_image: int, vision: CTViTConfig, image_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """Tokens per slab along h and w: from ``image_hw`` when given, else the square grid."""
+    if image_hw is not None:
+        p1, p2 = vision.patch_size
+        h, w = image_hw
+        if h % p1 or w % p2 or (h // p1) * (w // p2) * vision.dim != dim_image:
+            raise CheckpointError(
+                f"The configured image size {h} x {w} does not fit this CT-CLIP checkpoint: with {p1} x {p2} patches "
+                f"of {vision.dim}-d tokens its to_visual_latent needs {dim_image} inputs."
+            )
+        return h // p1, w // p2
+    side = math.isqrt(dim_image // vision.dim) if dim_image % vision.dim == 0 else 0
+    if side == 0 or side * side * vision.dim != dim_image:
+        raise CheckpointError(
+            f"The CT-CLIP checkpoint's to_visual_latent takes {dim_image} inputs, which is not a square token grid "
+            f"of {vision.dim}-d tokens; {IMAGE_SIZE_HELP}."
+        )
+    return side, side
+
+
+def read_image_size(weights: Path) -> tuple[int, int] | None:
+    """``image_size`` (an int or [height, width]) from ``<weights>.json`` or ``config.json``
+    beside the weights (CT-CLIP's CTViT takes ``image_size`` as an argument, not a tensor)."""
+    for candidate in (weights.with_suffix(".json"), weights.parent / "config.json"):
+        if not candidate.is_file():
+            continue
+        try:
+            value = json.loads(candidate.read_text(encoding="utf-8")).get("image_size")
+        except (OSError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"The CT-CLIP config {candidate} is not readable JSON ({_first_line(err)}).") from None
+        if value is None:
+            continue
+        size = (value, value) if isinstance(value, int) else tuple(value)
+        if len(size) != 2 or not all(isinstance(v, int) and v > 0 for v in size):
+            raise CheckpointError(f"\"image_size\" in {candidate} must be a positive integer or [height, width]; {IMAGE_SIZE_HELP}.")
+        return size  # type: ignore[return-value]
+    return None
 
 
 # ---------------------------------------------------------------------------- files
@@ -239,6 +279,7 @@ class CTCLIPModel(ScreeningModel):
         text_encoder: str | Path | None,
         device: str | torch.device = "cpu",
         source: str = "checkpoint",
+        image_hw: tuple[int, int] | None = None,
     ) -> CTCLIPModel:
         """Build the model whose sizes the state dict implies and load it strictly (see module docstring).
 
@@ -255,7 +296,7 @@ class CTCLIPModel(ScreeningModel):
         folder = Path(text_encoder)
         if not folder.is_dir():
             raise CheckpointError(f"The CT-CLIP text encoder folder {folder} does not exist.")
-        config = CTCLIPConfig.from_state_dict(sd)
+        config = CTCLIPConfig.from_state_dict(sd, image_hw)
         has_text = any(k.startswith(TEXT_PREFIX) for k in sd)
         bert_cfg = bert_config_for(folder, sd, has_text)
         if has_text:
@@ -409,7 +450,9 @@ def checkpoint_layout(config: CTCLIPConfig, bert_config, add_pooling_layer: bool
 def load_ctclip(weights: Path, text_encoder: str | Path | None, device: str = "cpu") -> CTCLIPModel:
     """Registry loader: a ``CT-CLIP_v2.pt``-layout file (torch zip or safetensors) + CXR-BERT folder."""
     weights = Path(weights)
-    return CTCLIPModel.from_state_dict(read_state_dict(weights), text_encoder, device, source=f"checkpoint {weights.name}")
+    return CTCLIPModel.from_state_dict(
+        read_state_dict(weights), text_encoder, device, source=f"checkpoint {weights.name}", image_hw=read_image_size(weights)
+    )
 
 
 __all__ = ["CTCLIPConfig", "CTCLIPModel", "bert_config_for", "checkpoint_layout", "load_ctclip", "read_state_dict", "match_state_dict"]

@@ -194,7 +194,35 @@ def test_eval_writes_metrics_roc_and_localization(tmp_path):
     assert e["localized_cases"] == 3 and 0.0 <= e["pointing_game"] <= e["pointing_game_tolerant"] <= 1.0
     for name in ("metrics.json", "metrics.csv", "predictions.csv", "roc.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))["cases"] == 6
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["cases"] == 6
+
+
+def test_eval_reports_calibration_and_draws_a_reliability_diagram(tmp_path):
+    """ECE (10 equal-width bins) per finding and macro, the uncertainty's AUROC for wrong vs
+    right, NLL, and reliability.png; the ECE is recomputed here from predictions.csv."""
+    from helpers import tiny_test_model
+
+    from medalign.evaluation.calibration import expected_calibration_error
+    from medalign.evaluation.evaluate import evaluate
+
+    data = _cohort(tmp_path / "cohort", n=6)
+    summary = evaluate(data, tmp_path / "eval", model=tiny_test_model(), findings=["Lung nodule", "Emphysema"],
+                       device="cpu", n_boot=0, progress=False, tta=1)
+    assert summary["ece_bins"] == 10 and summary["tta"] == 1
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    for name in ("Lung nodule", "Emphysema"):
+        y = np.array([int(r[f"{name} (label)"]) for r in rows])
+        p = np.array([float(r[f"{name} (p)"]) for r in rows])
+        e = summary["findings"][name]
+        assert e["ece"] == pytest.approx(expected_calibration_error(y, p), abs=1e-5)
+        assert e["nll"] > 0 and e["temperature"] == 1.0
+        assert all(float(r[f"{name} (uncertainty)"]) >= 0 for r in rows)
+    assert summary["macro"]["ece"] == pytest.approx(np.mean([summary["findings"][n]["ece"] for n in ("Lung nodule", "Emphysema")]))
+    header = (tmp_path / "eval" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"ece", "nll", "uncertainty_auroc"} <= set(header)
+    png = (tmp_path / "eval" / "reliability.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_eval_shows_bootstrap_progress_and_checks_out_first(tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP, add_device_argument
+from medalign.cli.options import FINDINGS_HELP, add_device_argument, add_tta_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate a model on a labelled cohort (AUC, ACC, weighted F1, precision, localization)",
         description="Per-finding AUC with bootstrap 95% intervals, ACC / weighted F1 / precision at the ROC point "
-        "nearest (0, 1), ROC curves, and pointing game + voxel AUC where lesion masks exist.",
+        "nearest (0, 1), ROC curves, calibration (expected calibration error over 10 equal-width bins, NLL, "
+        "the uncertainty's AUROC for wrong vs right predictions at p >= 0.5, reliability.png), and pointing "
+        "game + voxel AUC where lesion masks exist.",
     )
     p.add_argument("--data", required=True, type=Path, help="cohort folder (volumes/, labels.csv or reports.csv, optional masks/)")
     p.add_argument("--out", required=True, type=Path)
@@ -21,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default=None, type=Path, help="evaluate this checkpoint instead of a registry entry")
     p.add_argument("--findings", default=None, help=FINDINGS_HELP + " (default: the labelled CT-RATE findings)")
     add_device_argument(p)
+    add_tta_argument(p)
     p.add_argument("--bootstrap", type=_resamples, default=1000, metavar="N",
                    help="bootstrap resamples for the 95%% intervals (default 1000; 0: no intervals, fastest)")
     p.set_defaults(func=run)
@@ -46,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
         model = load(args.model or "medalign-demo", weights=args.weights)
     findings = parse_findings(args.findings) if args.findings else None
-    summary = evaluate(args.data, args.out, model=model, findings=findings, device=args.device, n_boot=args.bootstrap)
+    summary = evaluate(args.data, args.out, model=model, findings=findings, device=args.device, n_boot=args.bootstrap,
+                       tta=args.tta)
     macro = summary["macro"]
     print(f"{summary['model']} on {summary['cases']} cases: " + ", ".join(f"{k} {v:.3f}" for k, v in macro.items()))
     for name, e in summary["findings"].items():
@@ -55,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             f"  pointing {e['pointing_game']:.2f} (±{summary['tolerance_mm']:.0f} mm: {e['pointing_game_tolerant']:.2f})"
             if "pointing_game" in e else ""
         )
-        print(f"  {name:38s} AUC {auc:.3f}{extra}")
-    print(f"wrote {args.out}/metrics.json, metrics.csv, predictions.csv, roc.png")
+        cal = f"  ECE {e['ece']:.3f}" if "ece" in e else ""
+        print(f"  {name:38s} AUC {auc:.3f}{cal}{extra}")
+    print(f"wrote {args.out}/metrics.json, metrics.csv, predictions.csv, roc.png, reliability.png")
     return 0

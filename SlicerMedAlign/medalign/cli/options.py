@@ -23,3 +23,11 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     whether that GPU exists) by ``medalign.core.device.resolve_device``, which the
     dispatcher calls before the command runs, so a bad value is one sentence and exit 2."""
     parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+
+
+def add_tta_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tta N``: test-time views for the uncertainty (``medalign.inference.uncertainty``)."""
+    parser.add_argument("--tta", type=int, default=0, metavar="N",
+                        help="extra encodings of the scan shifted by 5 mm along each axis in turn, so the uncertainty "
+                        "covers the image as well as the prompt wordings (default 0: one encoding, fastest; "
+                        "each view costs one more image encoding)")

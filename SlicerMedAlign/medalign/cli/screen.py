@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP, add_device_argument
+from medalign.cli.options import FINDINGS_HELP, add_device_argument, add_tta_argument
 from medalign.core.progress import ProgressReporter
 
 
@@ -24,6 +24,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
+    add_tta_argument(p)
+    p.add_argument("--report", action="store_true",
+                   help="also write the structured report (report.json, report.csv, report.html): per finding its "
+                   "definition, appearance on CT, where the map points and the verdict")
+    p.add_argument("--segmentation", type=Path, default=None, metavar="LABELMAP",
+                   help="a labelmap of the scan (e.g. TotalSegmentator's) so the report names the structure under "
+                   "each hotspot; needs --segmentation-labels")
+    p.add_argument("--segmentation-labels", type=Path, default=None, metavar="TABLE",
+                   help='the labelmap\'s label names, one "value name" per line (a Slicer colour table works)')
     p.add_argument("--sample", action="store_true", help="screen a generated sample chest CT (no data needed)")
     p.add_argument("--progress-lines", action="store_true", help="machine-readable progress lines (for the Slicer module)")
     p.set_defaults(func=run)
@@ -44,8 +53,13 @@ def run(args: argparse.Namespace) -> int:
     from medalign.core.output_folder import claim
 
     with claim(args.out) as out:  # a file, read-only folder or /proc fails here, before any work
+        segmentation = _segmentation(args)  # a bad labelmap fails before the screening
         result, source = _screen(args, out)
         result.write(out)
+        if args.report:
+            from medalign.inference.report import write_report
+
+            write_report(result, out, segmentation)
     if not args.progress_lines:
         print_table(result, sys.stdout)
         print(f"\nWrote {out / 'results.json'}, {out / 'results.csv'}" + ("" if args.no_maps else f" and {out / 'maps'}/"))
@@ -56,6 +70,24 @@ def run(args: argparse.Namespace) -> int:
                   f"Screen your own scan with:\n"
                   f"  medalign screen /path/to/ct.nii.gz --out results   (NIfTI, NRRD, MHA or a DICOM folder)")
     return 0
+
+
+def _segmentation(args: argparse.Namespace):
+    """The ``--segmentation`` labelmap with its label names, or None."""
+    from medalign.core.errors import InputError
+
+    if args.segmentation is None:
+        if args.segmentation_labels is not None:
+            raise InputError("--segmentation-labels names the labels of a --segmentation labelmap; give both.")
+        return None
+    if not args.report:
+        raise InputError("--segmentation only serves the structured report; add --report.")
+    if args.segmentation_labels is None:
+        raise InputError("Give --segmentation-labels (one 'value name' per line) so the labelmap's labels have names.")
+    from medalign.core.volume_io import read_volume
+    from medalign.inference.report import Segmentation, read_label_names
+
+    return Segmentation(read_volume(args.segmentation), read_label_names(args.segmentation_labels))
 
 
 def _screen(args: argparse.Namespace, out: Path):
@@ -70,7 +102,8 @@ def _screen(args: argparse.Namespace, out: Path):
         volume, source = read_volume(args.input), Path(args.input)
     else:
         raise InputError("Give a CT file or DICOM folder to screen, or --sample to try a generated chest CT.")
-    screener = Screener(model=args.model, findings=args.findings, device=args.device, precision=args.precision)
+    screener = Screener(model=args.model, findings=args.findings, device=args.device, precision=args.precision,
+                        tta=args.tta)
     with ProgressReporter("screening", machine=args.progress_lines) as progress:
         result = screener(volume, progress=progress, with_maps=not args.no_maps)
     result.settings = run_settings(screener.model_name, screener.findings, not args.no_maps)

@@ -1,7 +1,9 @@
 """``medalign eval``: screen a labelled cohort and measure how good a model is.
 
 Writes metrics.json / metrics.csv (per finding and macro, with bootstrap 95% intervals),
-predictions.csv (per case and finding), roc.png and, where masks exist, localization
+predictions.csv (per case and finding), roc.png, calibration (expected calibration error
+over ``ECE_BINS`` equal-width bins, NLL, the uncertainty's AUROC for wrong vs right;
+``evaluation.calibration``) with reliability.png and, where masks exist, localization
 (pointing game and voxel-level map AUC).
 """
 
@@ -19,6 +21,13 @@ from medalign.core.errors import InputError
 from medalign.core.volume import Volume
 from medalign.data.cohorts import Case, load_cohort
 from medalign.data.labels import resolve_labels
+from medalign.evaluation.calibration import (
+    ECE_BINS,
+    expected_calibration_error,
+    nll,
+    plot_reliability,
+    uncertainty_auroc,
+)
 from medalign.evaluation.metrics import bootstrap_metrics, pointing_hit, voxel_auc
 
 
@@ -64,8 +73,10 @@ def evaluate(
     tolerance_mm: float | None = None,
     progress: bool = True,
     screener=None,
+    tta: int = 0,
 ) -> dict:
-    """Screen every case of ``data`` with ``model`` (name or model object) and write metrics to ``out``."""
+    """Screen every case of ``data`` with ``model`` (name or model object) and write metrics to
+    ``out``; ``tta`` test-time views feed the uncertainty (``inference.uncertainty``)."""
     from tqdm import tqdm
 
     from medalign.core.atomic import atomic_output, write_text
@@ -77,11 +88,12 @@ def evaluate(
     if not cases:
         raise InputError(f"{data} has no labels.csv or reports.csv to evaluate against.")
     out = prepare(out)  # an unusable --out fails now, not after screening the whole cohort
-    screener = screener or Screener(model=model, findings=findings or _labelled_findings(cases), device=device)
+    screener = screener or Screener(model=model, findings=findings or labelled_findings(cases), device=device, tta=tta)
     names = screener.findings
     labels = resolve_labels(cases, names).numpy()
     tol = tolerance_mm if tolerance_mm is not None else _default_tolerance(screener.model)
     probs = np.zeros((len(cases), len(names)), dtype=np.float64)
+    scores, uncs = np.zeros_like(probs), np.zeros_like(probs)
     loc: dict[str, list[dict]] = {n: [] for n in names}
     for ci, case in enumerate(tqdm(cases, desc="evaluating", unit="ct", disable=not progress)):
         volume = read_volume(case.volume_path)
@@ -90,7 +102,7 @@ def evaluate(
         mask = read_volume(case.mask_path) if need_maps else None
         for fi, name in enumerate(names):
             fr = result.finding(name)
-            probs[ci, fi] = fr.probability
+            probs[ci, fi], scores[ci, fi], uncs[ci, fi] = fr.probability, fr.score, fr.uncertainty
             if mask is not None and labels[ci, fi] == 1 and fr.map is not None:
                 lesion = mask_bit(mask, name)
                 if lesion is not None and lesion.any():  # no hotspot (no positive map value) points nowhere: a miss
@@ -105,6 +117,8 @@ def evaluate(
         entry: dict = {"n": int(known.sum()), "positives": int(y.sum())}
         if len(np.unique(y)) == 2:
             entry.update({k: v.as_dict() for k, v in bootstrap_metrics(y, p, n_boot=n_boot).items()})
+        if len(y):
+            entry.update(_calibration_entry(y, p, scores[known, fi], uncs[known, fi], screener.calibration().of(name)))
         if loc[name]:
             entry["pointing_game"] = float(np.mean([r["hit"] for r in loc[name]]))
             entry["pointing_game_tolerant"] = float(np.mean([r["hit_tolerant"] for r in loc[name]]))
@@ -115,17 +129,34 @@ def evaluate(
     macro = _macro(per_finding)
     summary = {
         "data": str(data), "model": screener.model_name, "cases": len(cases),
-        "tolerance_mm": tol, "macro": macro, "findings": per_finding,
+        "tolerance_mm": tol, "ece_bins": ECE_BINS, "tta": screener.tta, "macro": macro, "findings": per_finding,
     }
     write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float) + "\n")
     write_text(out / "metrics.csv", _metrics_csv(per_finding, macro))
-    write_text(out / "predictions.csv", _predictions_csv(cases, names, probs, labels))
+    write_text(out / "predictions.csv", _predictions_csv(cases, names, probs, labels, uncs))
     with atomic_output(out / "roc.png") as tmp:
         _plot_roc(names, labels, probs, tmp)
+    known = {n: labels[:, fi] >= 0 for fi, n in enumerate(names)}
+    with atomic_output(out / "reliability.png") as tmp:
+        plot_reliability({n: labels[known[n], fi] for fi, n in enumerate(names)},
+                         {n: probs[known[n], fi] for fi, n in enumerate(names)}, tmp,
+                         title=f"{screener.model_name} on {len(cases)} cases")
     return summary
 
 
-def _labelled_findings(cases: list[Case]) -> list[str]:
+def _calibration_entry(y: np.ndarray, p: np.ndarray, scores: np.ndarray, unc: np.ndarray, fitted) -> dict:
+    """ECE and NLL of the probabilities as the model reports them (its fitted temperature
+    applied), and how well the uncertainty flags the wrong ones."""
+    return {
+        "ece": expected_calibration_error(y, p),
+        "nll": nll(y, scores, fitted.temperature),
+        "temperature": fitted.temperature,
+        "uncertainty_auroc": uncertainty_auroc(y, p, unc),
+    }
+
+
+def labelled_findings(cases: list[Case]) -> list[str]:
+    """The CT-RATE findings some case of the cohort has a label column for (all 18 if none)."""
     from medalign.knowledge.findings import CT_RATE_FINDINGS
 
     seen = set()
@@ -146,7 +177,7 @@ def _macro(per_finding: dict) -> dict:
     for key in ("auc", "acc", "f1", "precision"):
         vals = [e[key]["value"] for e in per_finding.values() if key in e and np.isfinite(e[key]["value"])]
         out[key] = float(np.mean(vals)) if vals else float("nan")
-    for key in ("pointing_game", "pointing_game_tolerant", "map_voxel_auc"):
+    for key in ("ece", "nll", "uncertainty_auroc", "pointing_game", "pointing_game_tolerant", "map_voxel_auc"):
         vals = [e[key] for e in per_finding.values() if key in e and np.isfinite(e[key])]
         if vals:
             out[key] = float(np.mean(vals))
@@ -155,7 +186,7 @@ def _macro(per_finding: dict) -> dict:
 
 def _metrics_csv(per_finding: dict, macro: dict) -> str:
     cols = ["finding", "n", "positives", "auc", "auc_ci_low", "auc_ci_high", "threshold", "acc", "f1", "precision",
-            "pointing_game", "pointing_game_tolerant", "map_voxel_auc"]
+            "ece", "nll", "uncertainty_auroc", "pointing_game", "pointing_game_tolerant", "map_voxel_auc"]
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -169,16 +200,19 @@ def _metrics_csv(per_finding: dict, macro: dict) -> str:
         w.writerow([name, e.get("n", ""), e.get("positives", ""), val("auc"),
                     round(auc["ci_low"], 4) if "ci_low" in auc else "", round(auc["ci_high"], 4) if "ci_high" in auc else "",
                     val("threshold"), val("acc"), val("f1"), val("precision"),
+                    val("ece"), val("nll"), val("uncertainty_auroc"),
                     val("pointing_game"), val("pointing_game_tolerant"), val("map_voxel_auc")])
     return buf.getvalue()
 
 
-def _predictions_csv(cases: list[Case], names: list[str], probs: np.ndarray, labels: np.ndarray) -> str:
+def _predictions_csv(cases: list[Case], names: list[str], probs: np.ndarray, labels: np.ndarray, uncs: np.ndarray) -> str:
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["VolumeName"] + [f"{n} (p)" for n in names] + [f"{n} (label)" for n in names])
+    w.writerow(["VolumeName"] + [f"{n} (p)" for n in names] + [f"{n} (label)" for n in names]
+               + [f"{n} (uncertainty)" for n in names])
     for ci, c in enumerate(cases):
-        w.writerow([c.case_id] + [round(float(v), 6) for v in probs[ci]] + [int(v) for v in labels[ci]])
+        w.writerow([c.case_id] + [round(float(v), 6) for v in probs[ci]] + [int(v) for v in labels[ci]]
+                   + [round(float(v), 6) for v in uncs[ci]])
     return buf.getvalue()
 
 

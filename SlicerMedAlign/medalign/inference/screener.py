@@ -18,6 +18,7 @@ from medalign.core.volume import Volume
 from medalign.inference.hotspot import hotspot_of
 from medalign.inference.results import FindingResult, ScreeningResult, is_near_chance
 from medalign.inference.text_cache import cached_text_latents, model_identity, text_cache_enabled
+from medalign.inference.uncertainty import predictive_std, shifted_views
 from medalign.knowledge.findings import parse_findings  # noqa: F401 -- its import path since the start
 from medalign.models.base import ScreeningModel
 from medalign.models.calibration import Calibration
@@ -26,6 +27,7 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
 DISCLAIMER = "Research use only; not for clinical decisions."
+MAX_TTA = 24  # test-time views: four rounds of the six shifts (inference.uncertainty)
 _MODEL_CACHE: dict[tuple[str, str], ScreeningModel] = {}
 
 
@@ -97,9 +99,14 @@ class Screener:
         findings: str | Sequence[str] | None = None,
         device: str = "auto",
         precision: str = "auto",
+        tta: int = 0,
     ) -> None:
         from medalign.core.device import resolve_device
+        from medalign.core.errors import InputError
 
+        if not 0 <= int(tta) <= MAX_TTA:
+            raise InputError(f"The number of test-time views must lie between 0 and {MAX_TTA}, not {tta}.")
+        self.tta = int(tta)  # extra encodings of shifted views, for the uncertainty (inference.uncertainty)
         # a bad finding list costs no model load; none asked for: the model's own list (its spec's)
         self.findings = parse_findings(findings if findings is not None else _default_findings(model))
         self.device = resolve_device(device)
@@ -161,10 +168,10 @@ class Screener:
         if check:
             check_ct(volume)
         step(0.1, "preprocessing")
-        feats, prepared, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
+        feats, views, prepared, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
         warnings = coverage_warnings(prepared) if check else []
         step(0.5, "scoring findings")
-        findings = self._score(feats, prepared, volume, device, step, with_maps)
+        findings = self._score(feats, views, prepared, volume, device, step, with_maps)
         step(1.0, "done")
         return ScreeningResult(
             input={k: v for k, v in volume.metadata.items() if isinstance(v, (str, int, float, list, tuple))}
@@ -190,9 +197,30 @@ class Screener:
         with autocast(device, self.precision):
             feats = self.model.image_features(self.model.input_from_grid(prepared.tensor))
         feats.global_latent, feats.tokens = feats.global_latent.float(), feats.tokens.float()
-        return feats, prepared, device
+        views = [self._member_scores(feats)]
+        for view in shifted_views(prepared.tensor, self.tta, self.model.profile.spacing):
+            with autocast(device, self.precision):
+                view_feats = self.model.image_features(self.model.input_from_grid(view))
+            view_feats.global_latent, view_feats.tokens = view_feats.global_latent.float(), view_feats.tokens.float()
+            views.append(self._member_scores(view_feats))
+            del view_feats  # one view's tokens at a time
+        return feats, views, prepared, device
 
-    def _score(self, feats, prepared, volume: Volume, device, step, with_maps: bool) -> list[FindingResult]:
+    def _member_scores(self, feats) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per finding, for one encoding: the ensembled prompts' logit pair (2,) and every
+        wording pair's present-minus-absent score (P*Q,), from one ``logits`` call."""
+        dev = feats.global_latent.device
+        texts = torch.cat([t for p in self.prompts for t in (p.ensemble, p.positive, p.negative)]).to(dev)
+        every = self.model.logits(feats, texts)[0]
+        out, at = [], 0
+        for p in self.prompts:
+            n_pos, n_neg = len(p.positive), len(p.negative)
+            pair, pos, neg = every[at : at + 2], every[at + 2 : at + 2 + n_pos], every[at + 2 + n_pos : at + 2 + n_pos + n_neg]
+            out.append((pair, (pos[:, None] - neg[None, :]).flatten()))
+            at += 2 + n_pos + n_neg
+        return out
+
+    def _score(self, feats, views, prepared, volume: Volume, device, step, with_maps: bool) -> list[FindingResult]:
         from medalign.inference.preprocess import token_map_to_volume
         from medalign.knowledge.findings import find
 
@@ -201,14 +229,13 @@ class Screener:
         dev = feats.global_latent.device
         for n, p in enumerate(self.prompts):
             step(0.5 + 0.5 * n / max(1, len(self.prompts)), f"scoring {p.finding}")
-            # one call scores the ensembled pair and every wording (for the uncertainty)
-            n_pos = len(p.positive)
-            every = self.model.logits(feats, torch.cat([p.ensemble, p.positive, p.negative]).to(dev))[0]
-            logits, pos, neg = every[:2], every[2 : 2 + n_pos], every[2 + n_pos :]
+            # the score is the ensembled prompts' logit difference, averaged over the views
+            # (one view without TTA); the uncertainty is the spread of every (view, wording)
+            pairs = torch.stack([v[n][0] for v in views])
+            score = float((pairs[:, 0] - pairs[:, 1]).mean())
             fitted = calibration.of(p.finding)
-            prob = fitted.probability(float(logits[0] - logits[1]))  # = softmax over the pair at T = 1
-            variants = torch.sigmoid(pos[:, None] - neg[None, :]).flatten()
-            uncertainty = float(variants.std(unbiased=False)) if variants.numel() > 1 else 0.0
+            prob = fitted.probability(score)  # = softmax over the pair at T = 1
+            uncertainty = predictive_std(torch.cat([v[n][1] for v in views]), fitted.temperature)
             map_volume = hotspot = None
             if with_maps:
                 tl = self.model.token_logits(feats, p.ensemble.to(dev))[0]  # (2, X', Y', Z')
@@ -225,7 +252,7 @@ class Screener:
                 probability=prob,
                 uncertainty=uncertainty,
                 flagged=prob >= fitted.threshold and not is_near_chance(auc),
-                score=float(logits[0] - logits[1]),
+                score=score,
                 map=map_volume,
                 hotspot=hotspot,
                 knowledge=knowledge,
@@ -245,7 +272,9 @@ def screen(
     cancel: CancelFn | None = None,
     precision: str = "auto",
     with_maps: bool = True,
+    tta: int = 0,
 ) -> ScreeningResult:
-    """Screen one CT volume for ``findings`` (default: the 18 CT-RATE abnormalities)."""
-    screener = Screener(model=model, findings=findings, device=device, precision=precision)
+    """Screen one CT volume for ``findings`` (default: the 18 CT-RATE abnormalities);
+    ``tta`` extra shifted encodings widen the uncertainty to the image side."""
+    screener = Screener(model=model, findings=findings, device=device, precision=precision, tta=tta)
     return screener(volume, progress=progress, cancel=cancel, with_maps=with_maps)

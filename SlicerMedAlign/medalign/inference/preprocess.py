@@ -71,7 +71,7 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     if min(array.shape) < 2:
         raise InputError(f"Cannot prepare a volume of shape {volume.shape_ijk}; a CT volume is 3D.")
     device = torch.device(device)
-    pad_hu = float(profile.pad_hu)
+    pad_hu = float(array.min()) if profile.pad_with_minimum else float(profile.pad_hu)
     # [k, j, i] -> (1, I, J, K); the int16 -> float32 conversion happens once, on the device.
     source = torch.from_numpy(np.ascontiguousarray(array)).to(device)
     data = source.permute(2, 1, 0).to(torch.float32, memory_format=torch.contiguous_format)[None]

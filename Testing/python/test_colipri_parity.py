@@ -23,6 +23,7 @@ from reference_packages import run_reference
 
 from medalign.core.errors import CheckpointError
 from medalign.core.volume import Volume
+from medalign.core.volume_io import read_volume, write_volume
 from medalign.models import FAMILY_LOADERS, family_loader
 from medalign.models.colipri import COLIPRIConfig, COLIPRIModel, checkpoint_layout, load_colipri
 from medalign.models.profiles import COLIPRI as COLIPRI_PROFILE
@@ -63,7 +64,7 @@ from colipri.model.text import TextEncoder
 from colipri.pipelines import ZeroShotImageClassificationPipeline
 from colipri.processor import Processor
 
-out, vocab, spec, ct = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+out, vocab, spec, cts = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 
 
 def build(config, bert_config):
@@ -104,10 +105,10 @@ with torch.no_grad():
 pipeline = ZeroShotImageClassificationPipeline(model, processor)
 scores = pipeline([tio.ScalarImage(tensor=image) for image in images], spec["prompts"])
 result["scores"] = torch.tensor([[s["score"] for s in per_image] for per_image in scores])
-if ct:
-    processed = get_processor(image_only=True).process_images(tio.ScalarImage(ct))[0]
-    result["ct"] = processed.data.float()
-    result["ct_affine"] = torch.as_tensor(processed.affine)
+for name, path in cts.items():  # the official processor on each CT file
+    processed = get_processor(image_only=True).process_images(tio.ScalarImage(path))[0]
+    result[name] = processed.data.float()
+    result[name + "_affine"] = torch.as_tensor(processed.affine)
 save_file({k: v.contiguous() for k, v in result.items()}, str(out / "reference.safetensors"))
 '''
 
@@ -121,6 +122,14 @@ def assert_one_sentence(err: BaseException, *must_name: str) -> str:
     return msg
 
 
+def _no_air_ct() -> Volume:
+    """An int16 LPS CT with no air (darkest voxel -500 HU), 448 x 448 x 120 mm: the 2 mm grid
+    crops x and y and pads z, and the padding must be the image minimum, not -1000 HU."""
+    volume = synthetic_ct(shape_kji=(40, 64, 64), spacing=(7.0, 7.0, 3.0), seed=3)
+    volume.array = np.maximum(volume.array, -500).astype(np.int16)
+    return volume
+
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory) -> dict:
     """The official package's small model (on disk, published layout) and its outputs."""
@@ -129,8 +138,10 @@ def ref(tmp_path_factory) -> dict:
 
     root = tmp_path_factory.mktemp("colipri")
     (root / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    ct = str(REAL_CT) if REAL_CT.is_file() else ""
-    run_reference(REFERENCE_SCRIPT, root, root / "vocab.txt", json.dumps(SPEC), ct)
+    cts = {"synthetic": str(write_volume(_no_air_ct(), root / "no_air.nii.gz"))}
+    if REAL_CT.is_file():
+        cts["ct"] = str(REAL_CT)
+    run_reference(REFERENCE_SCRIPT, root, root / "vocab.txt", json.dumps(SPEC), json.dumps(cts))
     (root / "config.json").write_text(json.dumps(SMALL))  # the sizes no tensor shape holds
     folder = root / "cxr-bert"
     folder.mkdir()
@@ -229,27 +240,34 @@ def test_token_logits_are_cosine_over_temperature(model: COLIPRIModel) -> None:
 
 
 def test_preprocessing_matches_official_processor(ref: dict, real_ct: Path) -> None:
-    """The official processor (torchio) vs our ``prepare`` on the real chest CT (int16, 5 mm slices).
-
-    Sample positions and every value agree bit for bit except where the interpolated HU is an
-    integer up to float rounding: ITK truncates it to the pixel type on one side of the integer,
-    we may land on the other, a one-HU step (0.001 after scaling) at 5 of 7.1 M voxels here.
-    """
-    from medalign.core.volume_io import read_volume
-    from medalign.inference.preprocess import prepare
-
+    """The official processor (torchio + SimpleITK) vs our ``prepare`` on the real chest CT
+    (int16, 1.68 mm pixels, 5 mm slices: x and y are cropped, z is upsampled and padded)."""
     out = ref["out"]
     if "ct" not in out:
         pytest.skip(f"the reference run did not see {REAL_CT}")
-    prepared = prepare(read_volume(real_ct / "chest_ct_lung_mass.nii.gz"), COLIPRI_PROFILE)
-    ours, theirs = prepared.tensor[0], out["ct"]
+    ours = assert_same_preprocessing(real_ct / "chest_ct_lung_mass.nii.gz", out["ct"], out["ct_affine"])
+    assert ours.min() == -1 and ours.max() == 1
+
+
+def test_preprocessing_pads_with_the_minimum_like_official(ref: dict) -> None:
+    """No air in the scan: torchio pads with its minimum (-500 HU -> -0.5), not with -1."""
+    out = ref["out"]
+    ours = assert_same_preprocessing(ref["root"] / "no_air.nii.gz", out["synthetic"], out["synthetic_affine"])
+    assert ours.min() == pytest.approx(-0.5) and ours[0, 96, 96, 0] == pytest.approx(-0.5)  # a padded z slice
+
+
+def assert_same_preprocessing(path: Path, theirs: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Our ``prepare`` equals the official processor's tensor and affine."""
+    from medalign.inference.preprocess import prepare
+
+    prepared = prepare(read_volume(path), COLIPRI_PROFILE)
+    ours = prepared.tensor[0]
     assert ours.shape == theirs.shape == (1, 192, 192, 192)
-    np.testing.assert_allclose(prepared.grid_to_ras, out["ct_affine"].numpy(), atol=1e-6)
-    diff = (ours - theirs).abs()
-    off = diff > ATOL
-    assert int(off.sum()) <= 10, f"{int(off.sum())} voxels differ by more than {ATOL}"
-    assert torch.allclose(diff[off], torch.tensor(0.001), atol=1e-6), "only one-HU truncation steps may differ"
-    assert theirs.min() == -1 and theirs.max() == 1
+    np.testing.assert_allclose(prepared.grid_to_ras, affine.numpy(), atol=1e-6)
+    # every voxel, including those where ITK truncates an interpolated integer HU (a position
+    # one ulp off a voxel centre would turn 41 HU into 40, a 0.001 step)
+    assert max_diff(ours, theirs) <= ATOL
+    return ours
 
 
 # ----------------------------------------------------------------------------- refusals

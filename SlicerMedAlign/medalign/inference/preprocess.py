@@ -129,15 +129,15 @@ def _prepare_centred(source: torch.Tensor, volume: Volume, profile: PreprocessPr
 
     if profile.channels or profile.antialias:
         raise InputError(f"Profile {profile.name}: the torchio grid supports neither extra channels nor antialiasing.")
-    grid_to_ras, covered = centred_grid(volume, profile.spacing, profile.size, profile.axcodes, _RAS_LABELS)
-    image = resample_centred(source, volume, grid_to_ras, covered, profile.size, pad_hu, profile.axcodes, _RAS_LABELS)[None]
+    grid = centred_grid(volume, profile.spacing, profile.size, profile.axcodes, _RAS_LABELS)
+    image = resample_centred(source, volume, grid, profile.size, pad_hu, profile.axcodes, _RAS_LABELS)[None]
     lo, hi = profile.hu_window
     b0, b1 = profile.out_range
     image = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=b0, b_max=b1, clip=True, dtype=torch.float32)(image)
     if profile.mean is not None:
         image = NormalizeIntensity(subtrahend=profile.mean, divisor=profile.std or 1.0, dtype=torch.float32)(image)
     tensor = torch.as_tensor(image).to(torch.float32)[None].contiguous()
-    return PreparedImage(tensor=tensor, grid_to_ras=grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk))
+    return PreparedImage(tensor=tensor, grid_to_ras=grid.grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk))
 
 
 def _footprint(volume: Volume, profile: PreprocessProfile) -> list[float]:

@@ -57,7 +57,9 @@ with torch.inference_mode():
     seconds = time.perf_counter() - start
     # encode_image(project=True, pool=False) on the same backbone output, without a second pass
     dense = model.image_encoder.pooler.to_dense()(model.image_encoder.projector(captured["patches"]))
-save_file({"image": image, "pooled": pooled, "dense": dense}, str(out / "reference.safetensors"))
+print(json.dumps({"seconds": seconds}), file=sys.stderr)  # kept even if saving fails
+save_file({k: v.contiguous() for k, v in {"image": image, "pooled": pooled, "dense": dense}.items()},
+          str(out / "reference.safetensors"))
 print(json.dumps({"seconds": seconds}))
 '''
 

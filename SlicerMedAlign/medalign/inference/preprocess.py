@@ -71,9 +71,11 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     if min(array.shape) < 2:
         raise InputError(f"Cannot prepare a volume of shape {volume.shape_ijk}; a CT volume is 3D.")
     device = torch.device(device)
-    pad_hu = float(profile.pad_hu)
+    pad_hu = float(array.min()) if profile.pad_with_minimum else float(profile.pad_hu)
     # [k, j, i] -> (1, I, J, K); the int16 -> float32 conversion happens once, on the device.
     source = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    if profile.grid == "torchio":
+        return _prepare_centred(source, volume, profile, pad_hu)
     data = source.permute(2, 1, 0).to(torch.float32, memory_format=torch.contiguous_format)[None]
     if data.untyped_storage().data_ptr() == source.untyped_storage().data_ptr():
         data = data.clone()  # never modify the caller's voxels in place
@@ -116,6 +118,26 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     return PreparedImage(
         tensor=tensor, grid_to_ras=grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk)
     )
+
+
+def _prepare_centred(source: torch.Tensor, volume: Volume, profile: PreprocessProfile, pad_hu: float) -> PreparedImage:
+    """torchio's Resample + CropOrPad grid and edge rules (``centred_resample``), then the same
+    clamp, rescale and normalisation as the MONAI path."""
+    from monai.transforms import NormalizeIntensity, ScaleIntensityRange
+
+    from medalign.inference.centred_resample import centred_grid, resample_centred
+
+    if profile.channels or profile.antialias:
+        raise InputError(f"Profile {profile.name}: the torchio grid supports neither extra channels nor antialiasing.")
+    grid = centred_grid(volume, profile.spacing, profile.size, profile.axcodes, _RAS_LABELS)
+    image = resample_centred(source, volume, grid, profile.size, pad_hu, profile.axcodes, _RAS_LABELS)[None]
+    lo, hi = profile.hu_window
+    b0, b1 = profile.out_range
+    image = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=b0, b_max=b1, clip=True, dtype=torch.float32)(image)
+    if profile.mean is not None:
+        image = NormalizeIntensity(subtrahend=profile.mean, divisor=profile.std or 1.0, dtype=torch.float32)(image)
+    tensor = torch.as_tensor(image).to(torch.float32)[None].contiguous()
+    return PreparedImage(tensor=tensor, grid_to_ras=grid.grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk))
 
 
 def _footprint(volume: Volume, profile: PreprocessProfile) -> list[float]:

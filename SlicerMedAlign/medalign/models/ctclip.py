@@ -144,11 +144,14 @@ def _first_line(err: BaseException) -> str:
     return text.rstrip(".")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain tensor state dict from a safetensors file or a torch zip (never full unpickling)."""
+def read_state_dict(path: str | Path, family: str = "CT-CLIP") -> dict[str, torch.Tensor]:
+    """A plain tensor state dict from a safetensors file or a torch zip (never full unpickling).
+
+    ``family`` only names the model in error sentences (COLIPRI reuses this reader).
+    """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"CT-CLIP weights file {path} does not exist.")
+        raise CheckpointError(f"{family} weights file {path} does not exist.")
     with path.open("rb") as fh:
         head = fh.read(9)
     try:
@@ -165,16 +168,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"CT-CLIP weights file {path.name} holds more than plain tensors and is refused for safety ({_first_line(err)})."
+            f"{family} weights file {path.name} holds more than plain tensors and is refused for safety ({_first_line(err)})."
         ) from None
     except Exception as err:  # truncated zip, bad header, I/O error ...
         raise CheckpointError(
-            f"CT-CLIP weights file {path.name} could not be read, it may be truncated or corrupt ({_first_line(err)})."
+            f"{family} weights file {path.name} could not be read, it may be truncated or corrupt ({_first_line(err)})."
         ) from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise CheckpointError(f"CT-CLIP weights file {path.name} is not a state dict of named tensors.")
+        raise CheckpointError(f"{family} weights file {path.name} is not a state dict of named tensors.")
     return sd
 
 
@@ -189,10 +192,17 @@ def match_state_dict(
     return {k: sd[k] for k in expected}
 
 
-def bert_config_for(folder: str | Path, sd: dict[str, torch.Tensor], has_text: bool = True):
+def bert_config_for(
+    folder: str | Path,
+    sd: dict[str, torch.Tensor],
+    has_text: bool = True,
+    prefix: str = TEXT_PREFIX,
+    family: str = "CT-CLIP",
+):
     """BertConfig from the folder's config.json, with every size the checkpoint fixes taken from it.
 
-    Only the head count (and activation, eps) cannot be read from tensor shapes.
+    Only the head count (and activation, eps) cannot be read from tensor shapes.  ``prefix``
+    is where the BERT tensors sit in the checkpoint; ``family`` names the model in errors.
     """
     from transformers import BertConfig
 
@@ -200,21 +210,22 @@ def bert_config_for(folder: str | Path, sd: dict[str, torch.Tensor], has_text: b
     try:
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"The CT-CLIP text encoder folder {folder} has no readable config.json ({_first_line(err)}).") from None
+        raise CheckpointError(f"The {family} text encoder folder {folder} has no readable config.json ({_first_line(err)}).") from None
     # CXR-BERT declares model_type "cxr-bert"; its encoder is a plain BERT.
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map")}
     cfg = BertConfig.from_dict(raw)
     if has_text:
         def shape(key: str) -> tuple[int, ...]:
-            if TEXT_PREFIX + key not in sd:
-                raise CheckpointError(f"The CT-CLIP checkpoint has text encoder weights but no '{TEXT_PREFIX + key}'.")
-            return tuple(sd[TEXT_PREFIX + key].shape)
+            if prefix + key not in sd:
+                raise CheckpointError(f"The {family} checkpoint has text encoder weights but no '{prefix + key}'.")
+            return tuple(sd[prefix + key].shape)
 
         cfg.vocab_size, cfg.hidden_size = shape("embeddings.word_embeddings.weight")
         cfg.max_position_embeddings = shape("embeddings.position_embeddings.weight")[0]
         cfg.type_vocab_size = shape("embeddings.token_type_embeddings.weight")[0]
         cfg.intermediate_size = shape("encoder.layer.0.intermediate.dense.weight")[0]
-        layers = {int(k.split(".")[3]) for k in sd if k.startswith(TEXT_PREFIX + "encoder.layer.")}
+        layer_prefix = prefix + "encoder.layer."
+        layers = {int(k[len(layer_prefix):].split(".")[0]) for k in sd if k.startswith(layer_prefix)}
         cfg.num_hidden_layers = len(layers)
         if cfg.hidden_size % cfg.num_attention_heads:
             raise CheckpointError(

@@ -25,6 +25,14 @@ class PreprocessProfile:
     hu_window: tuple[float, float] = (-1000.0, 1000.0)
     out_range: tuple[float, float] = (-1.0, 1.0)  # HU window maps linearly onto this
     pad_hu: float = -1024.0  # value (in HU) of voxels added by padding
+    # True: pad with the input's own minimum HU instead of pad_hu (COLIPRI's torchio
+    # ``padding_mode="minimum"``: a scan whose darkest voxel is -900 HU is padded with -900).
+    pad_with_minimum: bool = False
+    # How the model grid is placed and its edges sampled: "monai" (Spacing + symmetric
+    # ResizeWithPadOrCrop, samples past the edge blend with the pad value) or "torchio"
+    # (COLIPRI's Resample + CropOrPad: grid centred on the input, edge-clamped linear
+    # interpolation, integer CTs truncated to integer HU; see inference/centred_resample.py).
+    grid: str = "monai"
     mean: float | None = None  # optional normalisation after scaling: (x - mean) / std
     std: float | None = None
     axcodes: str = "LPS"
@@ -71,4 +79,11 @@ BRGSA = PreprocessProfile(
 # centre crop/pad to 480 x 480 x 240 with -1 (i.e. -1000 HU).
 CTCLIP = PreprocessProfile(name="ct-clip", spacing=(0.75, 0.75, 1.5), size=(480, 480, 240), pad_hu=-1000.0)
 
-PROFILES = {p.name: p for p in (DEMO, BRGSA, CTCLIP)}
+# COLIPRI (its processor config, torchio): to RAS, linear resample to 2 mm without
+# antialiasing, clamp [-1000, 1000], rescale to [-1, 1], crop/pad to 192³ with the minimum.
+COLIPRI = PreprocessProfile(
+    name="colipri", spacing=(2.0, 2.0, 2.0), size=(192, 192, 192), pad_with_minimum=True, axcodes="RAS",
+    grid="torchio",
+)
+
+PROFILES = {p.name: p for p in (DEMO, BRGSA, CTCLIP, COLIPRI)}

@@ -38,6 +38,7 @@ FAMILY_LOADERS: dict[str, str] = {
     "medalign": "medalign.models.medalign_model:load_checkpoint",
     "brgsa": "medalign.models.brgsa:load_brgsa",
     "ct-clip": "medalign.models.ctclip:load_ctclip",
+    "colipri": "medalign.models.colipri:load_colipri",
 }
 FAMILIES = tuple(FAMILY_LOADERS)
 

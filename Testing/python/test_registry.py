@@ -360,4 +360,4 @@ def test_one_family_list():
     from medalign import models
 
     assert models.FAMILY_LOADERS is registry.FAMILY_LOADERS
-    assert registry.FAMILIES == tuple(registry.FAMILY_LOADERS) == ("medalign", "brgsa", "ct-clip")
+    assert registry.FAMILIES == tuple(registry.FAMILY_LOADERS) == ("medalign", "brgsa", "ct-clip", "merlin")

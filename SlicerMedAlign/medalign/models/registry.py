@@ -35,6 +35,7 @@ FAMILY_LOADERS: dict[str, str] = {
     "medalign": "medalign.models.medalign_model:load_checkpoint",
     "brgsa": "medalign.models.brgsa:load_brgsa",
     "ct-clip": "medalign.models.ctclip:load_ctclip",
+    "merlin": "medalign.models.merlin:load_merlin",
 }
 FAMILIES = tuple(FAMILY_LOADERS)
 

@@ -69,7 +69,11 @@ def make_text_folder(folder: Path) -> Path:
     return folder
 
 
-OFFICIAL_MODEL = r"""
+# Builds merlin-vlm's MerlinArchitecture with seeded weights and saves it as the published .pt;
+# argv: text folder, output folder, weights file name.  Also writes layout.json: the state
+# dict layout of the full-size model (ResNet-152 + Clinical-Longformer's sizes), built on
+# the meta device.  Shared with Testing/benchmarks/bench_merlin_forward.py.
+OFFICIAL_BUILD = r"""
 import json, sys, types
 from pathlib import Path
 import torch, torchvision
@@ -115,6 +119,9 @@ with torch.no_grad():
 model.eval()
 torch.save(model.state_dict(), out_dir / weights_name)
 
+"""
+
+OFFICIAL_OUTPUTS = r"""
 torch.manual_seed(2)
 shape = [int(s) for s in sys.argv[4].split(",")]
 coarse = torch.rand(shape[0], 1, shape[2] // 8, shape[3] // 8, shape[4] // 8)
@@ -133,7 +140,7 @@ save_file({
     "image": image, "image_embeds": img.contiguous(), "image_embeds_flipped": flipped.contiguous(),
     "image_unnormalised": contrastive.contiguous(), "feature_map": skips[-1].contiguous(),
     "phenotype_probs": torch.sigmoid(ehr).contiguous(), "text_embeds": txt.contiguous(),
-    "input_ids": enc["input_ids"], "sanitized": torch.tensor([len(build.sanitize_report(t)) for t in texts]),
+    "input_ids": enc["input_ids"],
 }, str(out_dir / "official.safetensors"))
 print(json.dumps([build.sanitize_report(t) for t in texts]))
 """
@@ -150,7 +157,7 @@ def official(text_folder: Path, tmp_path_factory) -> tuple[Path, dict, list[str]
 
     out = tmp_path_factory.mktemp("merlin_official")
     shape = ",".join(map(str, IMAGE_SHAPE))
-    stdout = run_reference(OFFICIAL_MODEL, text_folder, out, WEIGHTS_NAME, shape, json.dumps(TEXTS))
+    stdout = run_reference(OFFICIAL_BUILD + OFFICIAL_OUTPUTS, text_folder, out, WEIGHTS_NAME, shape, json.dumps(TEXTS))
     return out, load_file(str(out / "official.safetensors")), json.loads(stdout.strip().splitlines()[-1])
 
 

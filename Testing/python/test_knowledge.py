@@ -38,6 +38,7 @@ def test_finding_lists_are_the_published_ones():
 
 def test_abdominal_set_is_its_own_group_and_merlins_default():
     from medalign.knowledge.findings import FINDING_GROUPS, parse_findings
+    from medalign.models.base import ScreeningModel
     from medalign.models.merlin import MerlinModel
 
     assert len(ABDOMINAL_FINDINGS) == len(set(ABDOMINAL_FINDINGS)) == 20
@@ -45,6 +46,7 @@ def test_abdominal_set_is_its_own_group_and_merlins_default():
     assert parse_findings("abdominal") == ABDOMINAL_FINDINGS
     assert parse_findings("Ascites;ABDOMINAL;renal stone") == ABDOMINAL_FINDINGS  # de-duplicated, case-blind
     assert FINDING_GROUPS[MerlinModel.default_findings] is ABDOMINAL_FINDINGS
+    assert FINDING_GROUPS[ScreeningModel.default_findings] is CT_RATE_FINDINGS  # every other family
     kb = load_knowledge()
     assert all(kb[name].group == "abdominal" for name in ABDOMINAL_FINDINGS)
     assert find("nephrolithiasis").name == "Renal stone" and find("fatty liver").name == "Hepatic steatosis"

@@ -184,7 +184,7 @@ class MerlinModel(ScreeningModel):
     """
 
     family = "merlin"
-    default_findings = "abdominal"  # FINDING_GROUPS key screened when no finding is named
+    default_findings = "abdominal"
     profile: PreprocessProfile = MERLIN_PROFILE
     # merlin-vlm has no zero-shot wording; these read like the report sentences it was
     # trained on (lower-cased, tokenised the same way), mirrored positive/negative.

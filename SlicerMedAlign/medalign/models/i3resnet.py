@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medalign.core.errors import CheckpointError, InputError
+from medalign.core.errors import CheckpointError
 
 EXPANSION = 4  # bottleneck: conv3 widens planes four times (torchvision's Bottleneck)
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -123,10 +123,6 @@ class I3ResNet(nn.Module):
         for name in LAYERS:
             x = getattr(self, name)(x)
         return x
-
-    def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 5 or x.shape[1] != 1:
-            raise InputError(f"Merlin's I3ResNet expects a (B, 1, D, H, W) tensor, got shape {list(x.shape)}.")
 
 
 __all__ = ["Bottleneck3d", "I3ResNet", "I3ResNetConfig"]

@@ -10,6 +10,7 @@ import yaml
 
 from medalign.core.errors import MedAlignError
 from medalign.knowledge.findings import (
+    ABDOMINAL_FINDINGS,
     CT_RATE_FINDINGS,
     CT_RATE_LT_FINDINGS,
     SYMPTOM_KEYS,
@@ -35,15 +36,33 @@ def test_finding_lists_are_the_published_ones():
     assert CT_RATE_FINDINGS.index("Atelectasis") == 8
 
 
+def test_abdominal_set_is_its_own_group_and_merlins_default():
+    from medalign.knowledge.findings import FINDING_GROUPS, parse_findings
+    from medalign.models.base import ScreeningModel
+    from medalign.models.merlin import MerlinModel
+
+    assert len(ABDOMINAL_FINDINGS) == len(set(ABDOMINAL_FINDINGS)) == 20
+    assert not set(ABDOMINAL_FINDINGS) & (set(CT_RATE_FINDINGS) | set(CT_RATE_LT_FINDINGS))
+    assert parse_findings("abdominal") == ABDOMINAL_FINDINGS
+    assert parse_findings("Ascites;ABDOMINAL;renal stone") == ABDOMINAL_FINDINGS  # de-duplicated, case-blind
+    assert FINDING_GROUPS[MerlinModel.default_findings] is ABDOMINAL_FINDINGS
+    assert FINDING_GROUPS[ScreeningModel.default_findings] is CT_RATE_FINDINGS  # every other family
+    kb = load_knowledge()
+    assert all(kb[name].group == "abdominal" for name in ABDOMINAL_FINDINGS)
+    assert find("nephrolithiasis").name == "Renal stone" and find("fatty liver").name == "Hepatic steatosis"
+    assert find("free intraperitoneal air").name == "Pneumoperitoneum" and find("AAA").name == "Abdominal aortic aneurysm"
+
+
 def test_every_packaged_yaml_loads_with_all_fields():
     files = sorted(knowledge_dir().glob("*.yaml"))
-    assert len(files) == 33
+    assert len(files) == 53
     kb = load_knowledge()
-    assert set(kb) == set(CT_RATE_FINDINGS) | set(CT_RATE_LT_FINDINGS)
+    assert set(kb) == set(CT_RATE_FINDINGS) | set(CT_RATE_LT_FINDINGS) | set(ABDOMINAL_FINDINGS)
     for name, item in kb.items():
         assert isinstance(item, FindingKnowledge)
         assert (knowledge_dir() / f"{item.slug}.yaml").is_file()
-        assert item.group == ("ct-rate" if name in CT_RATE_FINDINGS else "ct-rate-lt")
+        assert item.group == (
+            "ct-rate" if name in CT_RATE_FINDINGS else "abdominal" if name in ABDOMINAL_FINDINGS else "ct-rate-lt")
         assert item.synonyms and item.anatomy and item.negations
         assert len(item.definition.split()) >= 8, f"{name}: definition too thin"
         for key in SYMPTOM_KEYS:
@@ -95,7 +114,8 @@ def test_find_is_case_insensitive_and_accepts_slugs():
     assert find("  Lung   nodule ").name == "Lung nodule"
     assert find("coronary_artery_wall_calcification").name == "Coronary artery wall calcification"
     assert find("Pulmonary nodule").name == "Lung nodule"
-    assert find("splenomegaly") is None
+    assert find("situs inversus") is None  # (splenomegaly, the old example, is known since the abdominal set)
+    assert find("SPLENOMEGALY").name == "Splenomegaly"
     assert find("") is None
 
 
@@ -226,9 +246,9 @@ def test_grammar_keeps_acronyms_and_capitalises_sentence_starts():
 
 
 def test_free_text_finding_uses_templates_alone():
-    ps = build_prompts("splenomegaly", CTCLIP)
-    assert ps.positive == ["splenomegaly is present."]
-    assert ps.negative == ["splenomegaly is not present."]
+    ps = build_prompts("situs inversus", CTCLIP)
+    assert ps.positive == ["situs inversus is present."]
+    assert ps.negative == ["situs inversus is not present."]
     plain = build_prompts("Emphysema", CTCLIP, use_knowledge=False)
     assert plain.positive == ["Emphysema is present."] and plain.negative == ["Emphysema is not present."]
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from medalign.core.errors import InputError
 from medalign.core.volume import Volume
 from medalign.inference.preprocess import PreparedImage, grid_to_ras_points, hu_to_model_value, prepare, token_map_to_volume
-from medalign.models.profiles import BRGSA, CTCLIP, DEMO
+from medalign.models.profiles import BRGSA, CTCLIP, DEMO, MERLIN
 
 
 def rotation(ax: float, az: float) -> np.ndarray:
@@ -54,7 +54,7 @@ def small(profile, size=(48, 48, 32)):
 # ------------------------------------------------------------------ shapes and values
 
 
-@pytest.mark.parametrize("profile", [DEMO, BRGSA, CTCLIP], ids=lambda p: p.name)
+@pytest.mark.parametrize("profile", [DEMO, BRGSA, CTCLIP, MERLIN], ids=lambda p: p.name)
 def test_output_shape_dtype_and_range_per_profile(profile):
     vol = volume_with_blob(np.diag([-1.0, -1.0, 1.0]), (0, 0, 0), shape_ijk=(24, 24, 12), spacing=(4.0, 4.0, 6.0))
     prepared = prepare(vol, profile)
@@ -78,6 +78,25 @@ def test_hu_to_model_value_matches_the_published_recipes():
     assert hu_to_model_value(250, CTCLIP) == pytest.approx(0.25)
     assert hu_to_model_value(3000, CTCLIP) == pytest.approx(1.0)
     assert hu_to_model_value(-1000, DEMO) == pytest.approx(-1.0)
+    # Merlin: ScaleIntensityRanged(a_min=-1000, a_max=1000, b_min=0, b_max=1, clip=True).
+    assert hu_to_model_value(0, MERLIN) == pytest.approx(0.5)
+    assert hu_to_model_value(-3000, MERLIN) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("after", [True, False], ids=["pad-after-resample", "fused"])
+def test_padding_after_the_resample_never_blends_the_scan_into_the_pad(after):
+    """Merlin pads with MONAI's SpatialPadd after Spacingd: a scan upsampled 2x in-plane keeps
+    its edge value up to its last voxel centre, and every padded voxel is exactly the pad
+    value; the fused resample blends the first padded voxel with the scan instead."""
+    vol = Volume(np.full((12, 20, 20), 500, dtype=np.int16), np.diag([3.0, 3.0, 3.0, 1.0]))
+    profile = dataclasses.replace(MERLIN, size=(48, 48, 16), pad_after_resample=after)
+    t = prepare(vol, profile).tensor[0, 0]
+    values = set(np.unique(t.numpy().round(5)).tolist())
+    if after:
+        assert values == {0.0, 0.75}
+        assert int((t - 0.75).abs().le(1e-6).sum()) == 39 * 39 * 12  # (20 - 1) * 2 + 1 samples in-plane
+    else:
+        assert len(values - {0.0, 0.75}) > 0
 
 
 @pytest.mark.parametrize(
@@ -88,8 +107,9 @@ def test_hu_to_model_value_matches_the_published_recipes():
         (CTCLIP, 0, 0.0),
         (CTCLIP, 1500, 1.0),  # clipped at the window
         (DEMO, -300, -0.3),
+        (MERLIN, 400, 0.7),  # [-1000, 1000] -> [0, 1]
     ],
-    ids=["brgsa0", "brgsa500", "ctclip0", "ctclip1500", "demo-300"],
+    ids=["brgsa0", "brgsa500", "ctclip0", "ctclip1500", "demo-300", "merlin400"],
 )
 def test_constant_region_maps_exactly_and_padding_gets_pad_value(profile, hu, expected):
     vol = Volume(np.full((10, 16, 16), hu, dtype=np.int16), np.diag([-1.5, -1.5, 2.0, 1.0]))
@@ -205,6 +225,23 @@ def test_one_hot_token_map_peaks_at_the_token_centre(geometry):
     offset = np.linalg.solve(amap.ijk_to_ras[:3, :3], peak_ras - expected)
     assert np.all(np.abs(offset) <= 0.5 + 1e-6), offset
     assert float(amap.array.max()) <= 1.0 + 1e-6
+
+
+def test_token_offset_from_the_model_layout_moves_the_peak():
+    """A strided CNN's position a is centred on grid voxel a*p (Merlin's ``token_layout``
+    offset 0), not on the middle of its block: the map must put the peak there."""
+    vol = volume_with_blob(GEOMETRIES["lps_axial"], (0, 0, 0))
+    prepared = prepare(vol, small(DEMO))
+    patch, token = (8, 8, 4), (2, 3, 5)
+    tokens = torch.zeros(6, 6, 8)
+    tokens[token] = 1.0
+    first = np.asarray(token) * patch
+    for offset, centre in ((None, first + (np.asarray(patch) - 1) / 2.0), ((0.0, 0.0, 0.0), first)):
+        amap = token_map_to_volume(tokens, prepared, patch, vol, offset=offset)
+        peak = np.unravel_index(np.argmax(amap.array), amap.array.shape)
+        peak_ras = amap.ijk_to_ras_points([peak[::-1]])[0]
+        miss = np.linalg.solve(amap.ijk_to_ras[:3, :3], peak_ras - grid_to_ras_points(prepared, centre)[0])
+        assert np.all(np.abs(miss) <= 0.5 + 1e-6), (offset, miss)
 
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))

@@ -367,7 +367,7 @@ def test_one_family_list():
     from medalign import models
 
     assert models.FAMILY_LOADERS is registry.FAMILY_LOADERS
-    assert registry.FAMILIES == tuple(registry.FAMILY_LOADERS) == ("medalign", "brgsa", "ct-clip", "colipri")
+    assert registry.FAMILIES == tuple(registry.FAMILY_LOADERS) == ("medalign", "brgsa", "ct-clip", "colipri", "merlin")
 
 
 def test_a_stored_calibration_wins_over_the_checkpoints_for_that_finding_only(tmp_path, monkeypatch):

@@ -155,7 +155,7 @@ def test_uncertain_mentions_follow_the_policy(text):
 
 def test_unknown_finding_is_refused():
     with pytest.raises(MedAlignError, match="no finding named"):
-        label_report("No effusion.", ["Splenomegaly"])
+        label_report("No effusion.", ["Situs inversus"])
 
 
 def test_empty_report_is_all_zero():
@@ -272,7 +272,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert cli_main(["label-reports", str(src), "--out", str(out), "--text-column", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no column 'nope'" in err[0]
-    assert cli_main(["label-reports", str(src), "--out", str(out), "--findings", "splenomegaly"]) == 2
+    assert cli_main(["label-reports", str(src), "--out", str(out), "--findings", "situs inversus"]) == 2
 
 
 def test_console_script_runs(tmp_path):

@@ -10,7 +10,8 @@ import argparse
 
 # argparse %-formats help strings: a literal percent sign must be written "%%" here.
 FINDINGS_HELP = ('"A;B;..." finding names or free text, separated by ";"; "ct-rate" (the 18, default), '
-                 '"ct-rate-lt" (15 rare ones) and "all" expand to those lists')
+                 '"ct-rate-lt" (15 rare ones), "all" (both chest lists) and "abdominal" (20 abdominal CT findings) '
+                 'expand to those lists')
 
 DEVICE_HELP = (
     "auto (CUDA, then Apple MPS, then CPU), cpu, cuda (the current GPU), cuda:N (GPU number N) or mps; "

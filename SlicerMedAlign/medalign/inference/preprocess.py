@@ -58,7 +58,8 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     ``profile.spacing`` and centre crop/pad to ``profile.size`` with ``pad_hu`` (one
     fused resample), window and scale the HU, then normalise. This equals both
     published recipes: BrgSA pads -1024 HU before its clamp (so the pad becomes the
-    clamp floor), CT-CLIP pads -1 after dividing by 1000 (i.e. -1000 HU).
+    clamp floor), CT-CLIP pads -1 after dividing by 1000 (i.e. -1000 HU). Merlin pads
+    after its resample (``profile.pad_after_resample``): two steps, as its transforms.
     """
     # MONAI takes seconds to import: only pay for it when an image is actually prepared.
     from monai.data import MetaTensor
@@ -99,12 +100,16 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     # resample onto the final grid: no full-size intermediate at the new spacing (a
     # 70M-voxel array for CT-CLIP), and the MetaTensor affine still tracks every step.
     image = Orientation(axcodes=profile.axcodes, labels=_RAS_LABELS, lazy=True)(image)
-    image = Spacing(pixdim=profile.spacing, mode="bilinear", padding_mode="zeros", lazy=True)(image)
-    image = ResizeWithPadOrCrop(spatial_size=profile.size, method="symmetric", lazy=True)(image)
+    padding = "border" if profile.pad_after_resample else "zeros"
+    image = Spacing(pixdim=profile.spacing, mode="bilinear", padding_mode=padding, lazy=True)(image)
+    if not profile.pad_after_resample:
+        image = ResizeWithPadOrCrop(spatial_size=profile.size, method="symmetric", lazy=True)(image)
     # dtype=float32: MONAI would otherwise resample in float64 (a whole-volume copy).
     image, _ = apply_pending(
-        image, overrides={"mode": "bilinear", "padding_mode": "zeros", "dtype": torch.float32, "align_corners": False}
+        image, overrides={"mode": "bilinear", "padding_mode": padding, "dtype": torch.float32, "align_corners": False}
     )
+    if profile.pad_after_resample:  # constant 0 here is pad_hu: the data is relative to it
+        image = ResizeWithPadOrCrop(spatial_size=profile.size, method="symmetric")(image)
     image.add_(pad_hu)
     b0, b1 = profile.out_range
     windows = [profile.hu_window, *[(lo, hi) for _, lo, hi in profile.channels]]
@@ -204,13 +209,16 @@ def token_map_to_volume(
     patch_size: tuple[int, int, int],
     reference: Volume,
     spacing_mm: float | None = None,
+    offset: tuple[float, float, float] | None = None,
 ) -> Volume:
     """Resample a map on the model's token grid onto a grid aligned with ``reference``.
 
     Token ``(a, b, c)`` covers model voxels ``[a*p, (a+1)*p)``, so its centre is model voxel
-    ``a*p + (p-1)/2``. The output keeps the reference's axis directions and spans exactly
-    its voxel-centre extent (so Slicer overlays it without resampling surprises), with a
-    spacing of about ``spacing_mm`` (default half a token, never finer than the reference).
+    ``a*p + offset``: ``offset`` is (p-1)/2 unless the model's ``token_layout`` says otherwise
+    (a ViT patch is centred on its block, a strided CNN's position on its first voxel). The
+    output keeps the reference's axis directions and spans exactly its voxel-centre extent
+    (so Slicer overlays it without resampling surprises), with a spacing of about
+    ``spacing_mm`` (default half a token, never finer than the reference).
     Values are trilinear between token centres; voxels outside the tokens' field of view
     are 0.
     """
@@ -238,7 +246,8 @@ def token_map_to_volume(
     # map voxel (i, j, k) -> continuous token coordinate (a, b, c), composed in float64.
     grid_to_token = np.eye(4)
     grid_to_token[:3, :3] = np.diag(1.0 / patch)
-    grid_to_token[:3, 3] = -(patch - 1.0) / 2.0 / patch
+    centre = (patch - 1.0) / 2.0 if offset is None else np.asarray(offset, dtype=np.float64).reshape(3)
+    grid_to_token[:3, 3] = -centre / patch
     map_to_token = grid_to_token @ np.linalg.inv(prepared.grid_to_ras) @ map_to_ras
     n_tokens = np.asarray(tokens.shape, dtype=np.float64)
     # grid_sample with align_corners=True: token centre a sits at 2a/(N-1) - 1 (N = 1: 0).

@@ -240,7 +240,8 @@ class Screener:
             if with_maps:
                 tl = self.model.token_logits(feats, p.ensemble.to(dev))[0]  # (2, X', Y', Z')
                 token_map = (tl[0] - tl[1]).float().cpu().numpy()
-                map_volume = token_map_to_volume(token_map, prepared, self.model.token_layout()[0], reference=volume)
+                patch, offset = self.model.token_layout()
+                map_volume = token_map_to_volume(token_map, prepared, patch, reference=volume, offset=offset)
                 map_volume.metadata.update({"finding": p.finding, "model": self.model_name})
                 hotspot = hotspot_of(map_volume)
             published = self.model.published_score(feats, p.positive[:1].to(dev))

@@ -63,7 +63,33 @@ CT_RATE_LT_FINDINGS: list[str] = [
     "Pneumomediastinum",
 ]
 
-GROUPS = ("ct-rate", "ct-rate-lt")
+# Abdominal CT findings for abdominal models (Merlin's default list): the common acute and
+# incidental findings of abdominal/pelvic CT reports, chosen for this project; merlin-vlm
+# itself ships no zero-shot finding list (see resources/models/merlin/MODEL_CARD.md).
+ABDOMINAL_FINDINGS: list[str] = [
+    "Ascites",
+    "Hepatomegaly",
+    "Splenomegaly",
+    "Hepatic steatosis",
+    "Liver lesion",
+    "Gallstones",
+    "Biliary ductal dilation",
+    "Pancreatitis",
+    "Hydronephrosis",
+    "Renal cyst",
+    "Renal stone",
+    "Adrenal nodule",
+    "Bowel obstruction",
+    "Bowel wall thickening",
+    "Appendicitis",
+    "Diverticulitis",
+    "Pneumoperitoneum",
+    "Abdominal aortic aneurysm",
+    "Abdominal wall hernia",
+    "Prostatomegaly",
+]
+
+GROUPS = ("ct-rate", "ct-rate-lt", "abdominal")
 SYMPTOM_KEYS = ("density", "shape", "location")
 _REQUIRED = ("name", "group", "synonyms", "definition", "symptoms", "anatomy", "negations", "report_cues")
 
@@ -82,7 +108,8 @@ def slugify(name: str) -> str:
 FINDING_GROUPS: dict[str, list[str]] = {
     "ct-rate": CT_RATE_FINDINGS,
     "ct-rate-lt": CT_RATE_LT_FINDINGS,
-    "all": CT_RATE_FINDINGS + CT_RATE_LT_FINDINGS,
+    "all": CT_RATE_FINDINGS + CT_RATE_LT_FINDINGS,  # the chest lists, as before the abdominal set
+    "abdominal": ABDOMINAL_FINDINGS,
 }
 
 
@@ -94,8 +121,8 @@ MAX_FINDING_CHARS = 200
 def parse_findings(text: str | Sequence[str] | None, separators: str = ";") -> list[str]:
     """"A;B" or a list -> clean, de-duplicated names; None/"" -> the 18 CT-RATE findings.
 
-    The one parser of every command's --findings. The words "ct-rate", "ct-rate-lt" and
-    "all" expand to those finding lists. ``separators`` other than ";" exist only for
+    The one parser of every command's --findings. The words "ct-rate", "ct-rate-lt", "all"
+    (both chest lists) and "abdominal" expand to those finding lists. ``separators`` other than ";" exist only for
     ``label-reports``, which took "A,B" before and still does. A finding longer than
     ``MAX_FINDING_CHARS`` is refused in one sentence.
     """
@@ -341,6 +368,7 @@ def build_prompts(
 
 
 __all__ = [
+    "ABDOMINAL_FINDINGS",
     "FINDING_GROUPS",
     "parse_findings",
     "CT_RATE_FINDINGS",

@@ -37,6 +37,8 @@ class ScreeningModel(nn.Module, ABC):
     """
 
     family: str = ""
+    # FINDING_GROUPS key screened when the user names no finding (Merlin: "abdominal")
+    default_findings: str = "ct-rate"
     # True: prompts = family templates x knowledge-base synonyms/negations, averaged.
     # False: exactly the family's own wording (published zero-shot protocol).
     use_knowledge_prompts: bool = True

@@ -45,6 +45,10 @@ class PreprocessProfile:
     # through a running max (min) over one target voxel's footprint before resampling, so
     # a 2 mm calcification or a metal clip keeps its true HU on a 4 mm grid.
     channels: tuple[tuple[str, float, float], ...] = ()
+    # False: resample and crop/pad fused into one resample (padded voxels next to the scan
+    # blend with it). True: MONAI's Spacing (border padding) first, then a separate
+    # constant pad, so every padded voxel is exactly pad_hu (Merlin's SpatialPadd).
+    pad_after_resample: bool = False
 
     @property
     def n_channels(self) -> int:
@@ -86,4 +90,12 @@ COLIPRI = PreprocessProfile(
     grid="torchio",
 )
 
-PROFILES = {p.name: p for p in (DEMO, BRGSA, CTCLIP, COLIPRI)}
+# Merlin (merlin-vlm, merlin/data/monai_transforms.py): RAS, 1.5 x 1.5 x 3 mm bilinear,
+# window [-1000, 1000] -> [0, 1] with clipping, then pad with 0 (= -1000 HU) and centre crop
+# to 224 x 224 x 160.
+MERLIN = PreprocessProfile(
+    name="merlin", spacing=(1.5, 1.5, 3.0), size=(224, 224, 160), out_range=(0.0, 1.0), pad_hu=-1000.0, axcodes="RAS",
+    pad_after_resample=True,
+)
+
+PROFILES = {p.name: p for p in (DEMO, BRGSA, CTCLIP, COLIPRI, MERLIN)}

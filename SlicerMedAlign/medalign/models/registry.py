@@ -39,6 +39,7 @@ FAMILY_LOADERS: dict[str, str] = {
     "brgsa": "medalign.models.brgsa:load_brgsa",
     "ct-clip": "medalign.models.ctclip:load_ctclip",
     "colipri": "medalign.models.colipri:load_colipri",
+    "merlin": "medalign.models.merlin:load_merlin",
 }
 FAMILIES = tuple(FAMILY_LOADERS)
 

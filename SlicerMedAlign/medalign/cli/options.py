@@ -7,6 +7,7 @@ built, and ``medalign models list`` or ``--help`` must not pay for importing tor
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # argparse %-formats help strings: a literal percent sign must be written "%%" here.
 FINDINGS_HELP = ('"A;B;..." finding names or free text, separated by ";"; "ct-rate" (the 18, default), '
@@ -23,3 +24,10 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
     whether that GPU exists) by ``medalign.core.device.resolve_device``, which the
     dispatcher calls before the command runs, so a bad value is one sentence and exit 2."""
     parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    """``--adapter`` for screen, batch and eval: a file from ``medalign adapt``; it names its
+    model (used when --model is not given) and is refused for any other model's weights."""
+    parser.add_argument("--adapter", default=None, type=Path, metavar="FILE",
+                        help="few-shot adapter from medalign adapt (its findings use the adapted prompts and thresholds)")

@@ -21,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prevalence", type=float, default=0.3, help="probability of each finding, independently (default 0.3)")
     p.add_argument("--findings", default=None,
                    help='"A;B;..." CT-RATE names that may be inserted (default: all 18); the others stay absent')
+    p.add_argument("--shift", default=None, metavar="NAME[,NAME]",
+                   help="scan every phantom with scanner/protocol variants (a domain-shifted set; the same --seed "
+                   "gives the same patients): noise (3x quantum noise), sharp or smooth (reconstruction kernel), "
+                   "thick (5 mm slices), arterial or venous (contrast phase)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes building phantoms in parallel (default: every core); the output does not depend on it")
     p.add_argument("--progress-lines", action="store_true", help="machine-readable progress lines instead of a bar")
@@ -32,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from medalign.core.progress import ProgressReporter
     from medalign.knowledge.findings import CT_RATE_FINDINGS, find
     from medalign.synth.phantoms import write_dataset
+    from medalign.synth.shift import parse_shift
 
     findings = None
     if args.findings:
@@ -43,12 +48,13 @@ def run(args: argparse.Namespace) -> int:
             if item is None or item.name not in CT_RATE_FINDINGS:
                 raise InputError(f"'{raw.strip()}' is not one of the 18 CT-RATE findings the phantoms can insert.")
             findings.append(item.name)
+    shift = parse_shift(args.shift)  # a bad name is one sentence before any work
     if args.progress_lines:
         with ProgressReporter("phantoms", machine=True) as progress:
             out = write_dataset(Path(args.out), args.n, args.seed, prevalence=args.prevalence, progress=False,
-                                on_progress=progress, findings=findings, workers=args.workers)
+                                on_progress=progress, findings=findings, workers=args.workers, shift=shift)
     else:
         out = write_dataset(Path(args.out), args.n, args.seed, prevalence=args.prevalence, progress=True, findings=findings,
-                            workers=args.workers)
+                            workers=args.workers, shift=shift)
     print(f"wrote {args.n} phantoms to {out}", file=sys.stderr)
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from medalign.synth import chest_wall, lungs, mediastinum
+from medalign.synth import chest_wall, lungs, mediastinum, shift
 from medalign.synth.shapes import Grid
 
 
@@ -115,7 +115,8 @@ def build_anatomy(rng: np.random.Generator, geom: dict[str, Any], heart_scale: f
     heart_b = mediastinum.heart_geometry(rng, p, heart_scale, pericardial_fluid_mm)
     aorta_b = mediastinum.aorta(rng, p, heart_b)
     p["contrast"] = contrast
-    p["blood_hu"] = mediastinum.blood_hu(rng, contrast)
+    phase = p.get("phase")  # a forced contrast phase (``synth.shift``), else drawn as always
+    p["blood_hu"] = shift.blood_hu(rng, phase) if phase else mediastinum.blood_hu(rng, contrast)
     tubes, hilum_r, hilum_l = mediastinum.great_vessels(rng, p, heart_b, aorta_b)
     caps = mediastinum.mediastinal_tubes(p, grid, tubes, hilum_r, hilum_l)
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from medalign.synth.frame import HU_AIR, HU_FAT, HU_LIVER, HU_MUSCLE, TORSO_SQUARENESS, body_to_lps, cage_profile
 from medalign.synth.shapes import Grid, Slices, ellipsoid, paint, rotation, smoothstep
+from medalign.synth.shift import ORGAN_ENHANCEMENT
 
 
 @dataclass
@@ -199,7 +200,8 @@ def upper_abdomen(rng: np.random.Generator, p: dict[str, Any], grid: Grid, hu: n
     below = grid.z[:, None, None] < zd[None]
     below &= cage.inside
     liver_side = (Uc < 0.25 * a_c - 0.6 * (Vc - vc))[None]  # liver reaches across anteriorly
-    abd = np.where(liver_side, np.float32(HU_LIVER + rng.uniform(-6, 6)), np.float32(rng.uniform(-40, 10)))
+    enhance = ORGAN_ENHANCEMENT[p.get("phase")]  # 0 unless a contrast phase is forced (``synth.shift``)
+    abd = np.where(liver_side, np.float32(HU_LIVER + rng.uniform(-6, 6) + enhance), np.float32(rng.uniform(-40, 10)))
     np.copyto(hc, abd, where=below)
     st_center = np.array([0.5 * a_c, vc - 0.1 * b_c, zL - 35.0])
     st = ellipsoid(grid, body_to_lps(p, st_center), np.array([42.0, 38.0, 40.0]))
@@ -222,7 +224,7 @@ def upper_abdomen(rng: np.random.Generator, p: dict[str, Any], grid: Grid, hu: n
         if bsl is not None:
             lvl = lvl[bsl[1]]
             sl = bsl[0]
-            paint(hu, sl, (lvl < 1.0) & below[_rel(sl, cb)], 48.0)
+            paint(hu, sl, (lvl < 1.0) & below[_rel(sl, cb)], 48.0 + enhance)
 
 
 def _sub_box(sl: Slices, cb: Slices) -> tuple[Slices, tuple[slice, slice, slice]] | None:

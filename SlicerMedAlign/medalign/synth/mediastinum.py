@@ -109,7 +109,7 @@ def great_vessels(rng: np.random.Generator, p: dict[str, Any], heart_b: np.ndarr
     svc_lo = np.array([svc_b[0], svc_b[1], heart_b[2] + 0.5 * semi_h[2]])
     svc_hi = np.array([svc_b[0] - 4, svc_b[1], z_top + 10])
     p["inflow"] = None
-    if contrast and rng.random() < 0.5:
+    if contrast and rng.random() < 0.5 and p.get("phase") != "venous":  # none left by the portal-venous phase
         # Undiluted contrast still arriving through an arm vein: 800-2500 HU in the
         # brachiocephalic vein and upper SVC, as in most real contrast chest CTs.
         dense = float(rng.uniform(800.0, 2500.0))

@@ -39,6 +39,8 @@ from medalign.synth.findings.lymph_nodes import paint_normal_nodes
 from medalign.synth.painting import BIT, PaintContext
 from medalign.synth.report import make_report
 from medalign.synth.scanner import scan
+from medalign.synth.shapes import Grid
+from medalign.synth.shift import ScannerShift, parse_shift, thick_slices, thin_source_spacing
 
 GENERATOR_VERSION = "1.3"  # 1.1: dense bone, contrast inflow, ECG leads, emphysema by lung fraction; 1.2: nodes in fat;
 # 1.3: one random stream per painter and one for the scanner stage (counterfactual twins)
@@ -90,13 +92,17 @@ def sample_chest_ct():
 
 
 def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple[float, float, float] | None = None,
-                 prevalence: float = 0.3) -> Phantom:
+                 prevalence: float = 0.3, shift: str | list[str] | ScannerShift | None = None) -> Phantom:
     """One synthetic chest CT.
 
     ``labels`` forces findings on (1) or off (0); findings it does not name are drawn
     independently with probability ``prevalence``. ``spacing`` (mm along i, j, k)
-    overrides the random scan geometry. The result is bit-identical for a seed.
+    overrides the random scan geometry. ``shift`` names scanner/protocol variants
+    (``synth.shift``: "noise", "sharp", "smooth", "thick", "arterial", "venous"): the same
+    patient scanned differently; without it the phantom is what it always was. The
+    result is bit-identical for a seed.
     """
+    shift = parse_shift(shift)
     if not 0.0 <= float(prevalence) <= 1.0:
         raise InputError(f"Prevalence must lie between 0 and 1, not {prevalence}.")
     labels = _check_labels(labels)
@@ -107,8 +113,11 @@ def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple
     present = _draw_present(rng, labels, prevalence)
 
     geom = sample_geometry(rng, spacing)
+    n_thin = _thin_acquisition(geom, shift)
     heart_scale, peri_mm = draw_heart(rng, present)
-    contrast = bool(rng.random() < 0.3)
+    contrast = bool(rng.random() < 0.3) or shift.phase is not None
+    if shift.phase:
+        geom["phase"] = shift.phase
     anat = build_anatomy(rng, geom, heart_scale=heart_scale, pericardial_fluid_mm=peri_mm, contrast=contrast)
     anat.p["z_table"] = float(np.round(rng.uniform(-420.0, -80.0), 1))
     ctx = PaintContext(anat, rng)
@@ -125,7 +134,12 @@ def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple
             facts[name] = painter(ctx)
 
     rng = ctx.rng = scanner_rng
-    vol_hu, n_ecg = scan(ctx)
+    vol_hu, n_ecg = scan(ctx, shift)
+    if n_thin:
+        vol_hu, ctx.mask = thick_slices(vol_hu, ctx.mask, n_thin)
+        g = anat.grid
+        anat.grid = Grid(vol_hu.shape, (g.spacing[0], g.spacing[1], g.spacing[2] * n_thin),
+                         (g.origin[0], g.origin[1], g.origin[2] + 0.5 * (n_thin - 1) * g.spacing[2]))
     _check_mask(seed, ctx.mask, present)
     volume = _volume(anat, vol_hu, seed)
     report = make_report(rng, present, facts, anat)
@@ -142,7 +156,21 @@ def make_phantom(seed: int, labels: dict[str, int] | None = None, spacing: tuple
         "rotation_deg": round(float(np.rad2deg(anat.p["angle"])), 2),
         "findings": _jsonable(facts),
     }
+    if not shift.is_identity:  # only then: unshifted meta stays as it was
+        meta["shift"] = shift.names
+        meta["contrast_phase"] = shift.phase
     return Phantom(volume=volume, mask=ctx.mask, labels={k: int(present[k]) for k in CT_RATE_FINDINGS}, report=report, meta=meta)
+
+
+def _thin_acquisition(geom: dict[str, Any], shift: ScannerShift) -> int:
+    """For a thick-slice shift, the phantom is drawn on thin slices (how many make one
+    thick slice is returned; 0 without the shift) and averaged afterwards."""
+    if not shift.slice_mm:
+        return 0
+    sx, sy, sz = geom["spacing"]
+    thin, n = thin_source_spacing(shift.slice_mm, sz)
+    geom["spacing"] = (sx, sy, thin)
+    return n
 
 
 def _draw_present(rng: np.random.Generator, labels: dict[str, int] | None, prevalence: float) -> dict[str, int]:
@@ -221,9 +249,9 @@ def _csv_text(rows: list[list[Any]]) -> str:
 def _write_case(job: tuple) -> tuple[str, dict[str, int], str]:
     """One dataset case (runs in a worker process): its volume and mask files, and its
     id, labels and report for the CSVs."""
-    out, seed, index, forced, prevalence = job
+    out, seed, index, forced, prevalence, shift = job
     cid = f"phantom_{seed}_{index:05d}"
-    ph = make_phantom(case_seed(seed, index), labels=forced, prevalence=prevalence)
+    ph = make_phantom(case_seed(seed, index), labels=forced, prevalence=prevalence, shift=shift)
     _write_nifti(ph.volume.array, ph.volume.ijk_to_ras, out / "volumes" / f"{cid}.nii.gz")
     _write_nifti(ph.mask, ph.volume.ijk_to_ras, out / "masks" / f"{cid}.nii.gz")
     return cid, ph.labels, ph.report
@@ -231,15 +259,17 @@ def _write_case(job: tuple) -> tuple[str, dict[str, int], str]:
 
 def write_dataset(out_dir: Path, n: int, seed: int, prevalence: float = 0.3, progress: bool = True,
                   on_progress: Callable[[float, str], None] | None = None, findings: list[str] | None = None,
-                  workers: int | None = 1) -> Path:
+                  workers: int | None = 1, shift: str | list[str] | ScannerShift | None = None) -> Path:
     """Write ``n`` phantoms: volumes/, masks/, labels.csv, reports.csv, manifest.json.
 
     Case ``i`` is ``make_phantom(case_seed(seed, i), labels=...)`` so any case can be
     rebuilt alone. ``findings`` restricts which findings may appear (others are forced
     absent); ``on_progress(fraction, message)`` lets the CLI drive its own reporter.
     ``workers`` processes build cases in parallel (None: every core); the files do not
-    depend on it.
+    depend on it. ``shift`` scans every case with the named scanner/protocol variants
+    (``make_phantom``); the same seed then gives the same patients, scanned differently.
     """
+    shift = parse_shift(shift)
     forced = None
     if findings is not None:
         _check_labels({f: 1 for f in findings})
@@ -262,7 +292,7 @@ def write_dataset(out_dir: Path, n: int, seed: int, prevalence: float = 0.3, pro
 
         bar = tqdm(total=int(n), desc="phantoms", unit="ct")
     try:
-        jobs = [(out, int(seed), index, forced, float(prevalence)) for index in range(int(n))]
+        jobs = [(out, int(seed), index, forced, float(prevalence), shift) for index in range(int(n))]
         for done, (cid, labels, report) in enumerate(ordered_map(_write_case, jobs, workers), start=1):
             label_rows.append([f"{cid}.nii.gz", *[labels[k] for k in CT_RATE_FINDINGS]])
             report_rows.append([f"{cid}.nii.gz", report])
@@ -288,5 +318,7 @@ def write_dataset(out_dir: Path, n: int, seed: int, prevalence: float = 0.3, pro
         "case_seed": "numpy SeedSequence([seed, index]).generate_state(1, uint32)[0]",
         "checksum_labels": zlib.crc32(_csv_text(label_rows).encode()) & 0xFFFFFFFF,
     }
+    if not shift.is_identity:
+        manifest["shift"] = shift.names
     _write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return out

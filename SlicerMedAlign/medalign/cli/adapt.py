@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--findings", default=None, help=FINDINGS_HELP + " (default: the labelled CT-RATE findings)")
     p.add_argument("--method", default="vip+kmat", choices=METHODS,
                    help="vip: context + merge prompts; kmat: context + anchoring + OT; vip+kmat: all (default)")
-    p.add_argument("--epochs", type=int, default=100, help="full passes over the cached K-shot features (default 100)")
+    p.add_argument("--epochs", type=int, default=50, help="full passes over the cached K-shot features (default 50)")
     p.add_argument("--lr", type=float, default=0.01, help="Adam learning rate of the prompt vectors (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="draws the K-shot cases and the OT subsets (default 0)")
     add_device_argument(p)

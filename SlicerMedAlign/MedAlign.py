@@ -89,6 +89,7 @@ class MedAlignParameterNode:
     findings: list[str]
     customFindings: str
     device: Annotated[str, Choice(DEVICES), Default("auto")]
+    adapterPath: str  # a medalign adapt file ("" = none); no widget yet: set it from the Python console
     opacity: Annotated[float, WithinRange(0.0, 1.0), Default(0.5)]
     threshold: Annotated[float, WithinRange(0.0, 1.0), Default(0.5)]
     resultTable: vtkMRMLTableNode
@@ -363,7 +364,7 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.updateGUIFromParameterNode()
         findings = self.logic.findingList(list(p.findings), p.customFindings)
         self.runs.logic = self.logic.lib
-        self.runs.start(p.inputVolume, findings, p.model, p.device)
+        self.runs.start(p.inputVolume, findings, p.model, p.device, adapter=p.adapterPath or None)
 
     def onRunProgress(self, fraction: float, message: str) -> None:
         self.ui.progressBar.value = int(round(1000 * fraction))

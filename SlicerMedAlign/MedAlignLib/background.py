@@ -59,11 +59,13 @@ class BackgroundScreening:
         device: str = "auto",
         python: str | None = None,
         work_dir: str | Path | None = None,
+        adapter: str | Path | None = None,
     ) -> None:
         self.volume_node = volumeNode
         self.findings = findings
         self.model = model
         self.device = device
+        self.adapter = adapter  # a medalign adapt file; the child reads, checks and applies it
         self.python = python or default_python()
         self.work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="medalign-"))
         self.input_path = self.work_dir / "input.nrrd"
@@ -96,6 +98,8 @@ class BackgroundScreening:
         findings = self.findings_argument()
         if findings:
             argv += ["--findings", findings]
+        if self.adapter:
+            argv += ["--adapter", str(self.adapter)]
         return argv
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:

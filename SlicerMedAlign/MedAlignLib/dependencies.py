@@ -49,6 +49,7 @@ REQUIREMENTS: dict[str, str] = {
 NOT_FOR_SCREENING: dict[str, str] = {
     "sklearn": "scikit-learn",
     "matplotlib": "matplotlib",
+    "ot": "POT",  # optimal transport of medalign adapt (training); screening with an adapter needs none
 }
 TORCH = "torch"
 PROTECTED = ("torch", "numpy", "SimpleITK")  # import names pip must never replace

@@ -123,13 +123,16 @@ class RunController:
             self._set_state(RunState.IDLE)
 
     # ------------------------------------------------------------------ start
-    def start(self, volume_node, findings, model: str | None = None, device: str = "auto") -> None:
-        """Write the hand-off volume and start the child; returns at once (events follow)."""
+    def start(self, volume_node, findings, model: str | None = None, device: str = "auto",
+              adapter: str | None = None) -> None:
+        """Write the hand-off volume and start the child; returns at once (events follow).
+        ``adapter``: a ``medalign adapt`` file (empty or None: none); a bad or foreign one
+        ends the run with the child's one sentence."""
         self._refuse_if_busy()
         if volume_node is None:
             raise InputError("Select a CT volume to screen.")
         job = BackgroundScreening(volume_node, findings=findings, model=model or None, device=device,
-                                  python=self.python)
+                                  python=self.python, adapter=adapter or None)
         try:
             argv, env = job.command(), job.environment()
         except BaseException:

@@ -57,7 +57,7 @@ class WebViewer(TrameApp):
     """One page, one scene, one ``ScreeningSession`` (one screening at a time)."""
 
     def __init__(self, server=None, volumes: list[str] | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-                 device: str = "auto") -> None:
+                 device: str = "auto", adapter: str | None = None) -> None:
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
         from trame_slicer.rca_view import register_rca_factories
@@ -71,7 +71,7 @@ class WebViewer(TrameApp):
         self.layout_manager.set_layout("Quad View")
         self.uploads = UploadFolder(int(max_upload_mb * 1024 * 1024))
         self.session = ScreeningSession(self.slicer_app.scene, on_progress=self._on_progress, on_done=self._on_done,
-                                        on_message=self._error, device=device)
+                                        on_message=self._error, device=device, adapter=adapter)
         self._pump_task = None
         self._clients: set[str] = set()
         self._run_owner: str | None = None  # the browser that pressed Screen
@@ -261,12 +261,13 @@ class WebViewer(TrameApp):
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080, volumes: list[str] | None = None,
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, device: str = "auto", open_browser: bool = False) -> int:
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, device: str = "auto", open_browser: bool = False,
+          adapter: str | None = None) -> int:
     """Start the viewer (blocks until the server stops); ``medalign web`` calls this."""
     import atexit
     import signal
 
-    viewer = WebViewer(volumes=volumes, max_upload_mb=max_upload_mb, device=device)
+    viewer = WebViewer(volumes=volumes, max_upload_mb=max_upload_mb, device=device, adapter=adapter)
     atexit.register(viewer.close)
     previous = signal.getsignal(signal.SIGTERM)
 

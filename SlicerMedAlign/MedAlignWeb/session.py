@@ -37,9 +37,10 @@ class ScreeningSession:
 
     def __init__(self, scene, *, on_progress: Callable[[float, str], None] | None = None,
                  on_done: Callable[[RunOutcome], None] | None = None, on_message: ReportFn | None = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", adapter: str | None = None) -> None:
         self.scene = scene
         self.device = device
+        self.adapter = adapter  # a medalign adapt file on the server (medalign web --adapter), applied to every run
         self.on_message = on_message or (lambda text: None)
         self.logic = ScreeningLogic(scene)
         self.parameter_node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "MedAlign web viewer")
@@ -80,10 +81,10 @@ class ScreeningSession:
 
     def start(self, model: str | None, findings: list[str]) -> None:
         """Start screening the loaded CT in a child process (one run at a time: a second
-        start while one runs is refused with ``BusyError``)."""
+        start while one runs is refused with ``BusyError``), with the session's adapter."""
         if self.volume_node is None or not self.scene.IsNodePresent(self.volume_node):
             raise InputError("Load a CT first: a file on the server, an upload or the sample CT.")
-        self.runs.start(self.volume_node, findings, model or None, self.device)
+        self.runs.start(self.volume_node, findings, model or None, self.device, adapter=self.adapter)
 
     def pump(self) -> None:
         """Deliver the child's progress and end (no-op when nothing runs)."""

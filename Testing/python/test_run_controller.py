@@ -298,3 +298,47 @@ def test_crashing_child_is_one_sentence_with_its_stderr_tail(scene_node, tmp_pat
         assert "the model weights are damaged" in outcome.message
     assert "screening process: the model weights are damaged" in caplog.text  # stderr is logged as it comes
     assert node_ids(scene) == before and not work_dir.exists() and controller.state is RunState.IDLE
+
+
+# ---------------------------------------------------------------------- few-shot adapter
+def _adapter_for(tmp_path: Path, model: str, sha256: str) -> Path:
+    """An adapter of 'Lung nodule' for registry model ``model`` (random class embeddings)."""
+    import torch
+
+    from medalign.inference.adapter import Adapter, save_adapter
+
+    latents = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
+    adapter = Adapter(model=model, model_sha256=sha256, family="medalign", method="vip+kmat", shots=1,
+                      findings=["Lung nodule"], tensors={"class_latents": latents}, registered=True)
+    return save_adapter(adapter, tmp_path / f"{sha256[:6]}.safetensors")
+
+
+def test_the_panels_adapter_reaches_the_child_and_a_foreign_one_fails_in_one_sentence(
+        scene_node, tmp_path, registered_tiny):
+    from medalign.inference.screener import Screener
+    from medalign.models import registry
+    from MedAlignLib.nodes import volume_from_node
+
+    scene, node = scene_node
+    logic, panel = ScreeningLogic(scene), Panel()
+    controller = panel.controller(logic, python=launcher(tmp_path))
+    path = _adapter_for(tmp_path, registered_tiny, registry.get(registered_tiny).sha256)
+    controller.start(node, FINDINGS, model=registered_tiny, device="cpu", adapter=str(path))
+    assert controller.job.command()[-2:] == ["--adapter", str(path)]
+    assert controller.wait(240)
+    (outcome,) = panel.outcomes
+    assert outcome.status == "done", outcome.message
+    shown = logic.result_from_table(outcome.table, load_maps=False)
+    volume = volume_from_node(node)
+    expected = Screener(model=registered_tiny, findings=FINDINGS, device="cpu", adapter=path)(volume, with_maps=False)
+    plain = Screener(model=registered_tiny, findings=FINDINGS, device="cpu")(volume, with_maps=False)
+    for name in FINDINGS:
+        assert shown.finding(name).probability == pytest.approx(expected.finding(name).probability, abs=1e-4)
+    assert shown.finding("Lung nodule").probability != pytest.approx(plain.finding("Lung nodule").probability, abs=1e-3)
+
+    foreign = _adapter_for(tmp_path, "ct-clip", "ab" * 32)
+    controller.start(node, FINDINGS, model=registered_tiny, device="cpu", adapter=str(foreign))
+    assert controller.wait(240)
+    failed = panel.outcomes[-1]
+    assert failed.status == "failed" and "was trained for model 'ct-clip'" in failed.message
+    assert f"not for '{registered_tiny}'" in failed.message and "\n" not in failed.message

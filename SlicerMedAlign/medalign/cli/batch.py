@@ -10,7 +10,7 @@ import argparse
 import os
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP, add_device_argument
+from medalign.cli.options import FINDINGS_HELP, add_adapter_argument, add_device_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
+    add_adapter_argument(p)
     p.set_defaults(func=run)
 
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     summary = screen_cohort(
         args.source, args.out, model=args.model, findings=args.findings,
         device=_torchrun_device(args.device, world), precision=args.precision,
-        with_maps=not args.no_maps, rank=rank, world=world,
+        with_maps=not args.no_maps, rank=rank, world=world, adapter=args.adapter,
     )
     print(f"{summary.line()}; summary: {summary.path}")
     return 0 if summary.count("failed") == 0 else 2

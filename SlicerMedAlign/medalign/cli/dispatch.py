@@ -17,8 +17,8 @@ from medalign import __version__
 from medalign.core.errors import MedAlignError
 
 # Order is the order shown in ``medalign --help``.
-COMMAND_MODULES = ["screen", "batch", "eval", "calibrate", "train", "phantoms", "label_reports", "models", "web"]
-TORCH_COMMANDS = {"screen", "batch", "eval", "calibrate", "train"}
+COMMAND_MODULES = ["screen", "batch", "eval", "calibrate", "train", "adapt", "phantoms", "label_reports", "models", "web"]
+TORCH_COMMANDS = {"screen", "batch", "eval", "calibrate", "train", "adapt"}
 # Commands re-run with glibc's tuned allocator (medalign.core.allocator): training only.
 # Screening peaks higher with it and is not faster (Testing/benchmarks/memory_peak.py).
 TUNED_ALLOCATOR_COMMANDS = {"train"}

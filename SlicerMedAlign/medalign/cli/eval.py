@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP, add_device_argument, add_tta_argument
+from medalign.cli.options import FINDINGS_HELP, add_adapter_argument, add_device_argument, add_tta_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--findings", default=None, help=FINDINGS_HELP + " (default: the labelled CT-RATE findings)")
     add_device_argument(p)
     add_tta_argument(p)
+    add_adapter_argument(p)
     p.add_argument("--bootstrap", type=_resamples, default=1000, metavar="N",
                    help="bootstrap resamples for the 95%% intervals (default 1000; 0: no intervals, fastest)")
     p.set_defaults(func=run)
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         model = load(args.model or "medalign-demo", weights=args.weights)
     findings = parse_findings(args.findings) if args.findings else None
     summary = evaluate(args.data, args.out, model=model, findings=findings, device=args.device, n_boot=args.bootstrap,
-                       tta=args.tta)
+                       tta=args.tta, adapter=args.adapter)
     macro = summary["macro"]
     print(f"{summary['model']} on {summary['cases']} cases: " + ", ".join(f"{k} {v:.3f}" for k, v in macro.items()))
     for name, e in summary["findings"].items():

@@ -7,6 +7,7 @@ built, and ``medalign models list`` or ``--help`` must not pay for importing tor
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # argparse %-formats help strings: a literal percent sign must be written "%%" here.
 FINDINGS_HELP = ('"A;B;..." finding names or free text, separated by ";"; "ct-rate" (the 18, default), '
@@ -32,3 +33,10 @@ def add_tta_argument(parser: argparse.ArgumentParser) -> None:
                         help="extra encodings of the scan shifted by 5 mm along each axis in turn, so the uncertainty "
                         "covers the image as well as the prompt wordings (default 0: one encoding, fastest; "
                         "each view costs one more image encoding)")
+
+
+def add_adapter_argument(parser: argparse.ArgumentParser) -> None:
+    """``--adapter`` for screen, batch and eval: a file from ``medalign adapt``; it names its
+    model (used when --model is not given) and is refused for any other model's weights."""
+    parser.add_argument("--adapter", default=None, type=Path, metavar="FILE",
+                        help="few-shot adapter from medalign adapt (its findings use the adapted prompts and thresholds)")

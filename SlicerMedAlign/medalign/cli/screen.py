@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from medalign.cli.options import FINDINGS_HELP, add_device_argument, add_tta_argument
+from medalign.cli.options import FINDINGS_HELP, add_adapter_argument, add_device_argument, add_tta_argument
 from medalign.core.progress import ProgressReporter
 
 
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "each hotspot; needs --segmentation-labels")
     p.add_argument("--segmentation-labels", type=Path, default=None, metavar="TABLE",
                    help='the labelmap\'s label names, one "value name" per line (a Slicer colour table works)')
+    add_adapter_argument(p)
     p.add_argument("--sample", action="store_true", help="screen a generated sample chest CT (no data needed)")
     p.add_argument("--progress-lines", action="store_true", help="machine-readable progress lines (for the Slicer module)")
     p.set_defaults(func=run)
@@ -103,10 +104,10 @@ def _screen(args: argparse.Namespace, out: Path):
     else:
         raise InputError("Give a CT file or DICOM folder to screen, or --sample to try a generated chest CT.")
     screener = Screener(model=args.model, findings=args.findings, device=args.device, precision=args.precision,
-                        tta=args.tta)
+                        tta=args.tta, adapter=args.adapter)
     with ProgressReporter("screening", machine=args.progress_lines) as progress:
         result = screener(volume, progress=progress, with_maps=not args.no_maps)
-    result.settings = run_settings(screener.model_name, screener.findings, not args.no_maps)
+    result.settings = run_settings(screener.model_name, screener.findings, not args.no_maps, args.adapter)
     return result, source
 
 

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=1024, help="largest accepted upload in MB (default 1024)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device of the screening runs")
+    p.add_argument("--adapter", default=None, metavar="FILE", help="a medalign adapt file applied to every screening run")
     p.set_defaults(func=run)
 
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medalign.core.errors import InputError
 
-    missing = [v for v in args.volumes if not Path(v).exists()]
+    missing = [v for v in [*args.volumes, *([args.adapter] if args.adapter else [])] if not Path(v).exists()]
     if missing:
         raise InputError(f"{missing[0]} does not exist.")
     if args.max_upload_mb <= 0:
@@ -44,4 +45,5 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"The web viewer needs {exc.name}; install it with: pip install \"medalign[web]\"") from exc
         raise
     return app.serve(host=args.host, port=args.port, volumes=[str(v) for v in args.volumes],
-                     max_upload_mb=args.max_upload_mb, device=args.device)
+                     max_upload_mb=args.max_upload_mb, device=args.device,
+                     adapter=str(Path(args.adapter).resolve()) if args.adapter else None)

@@ -74,9 +74,11 @@ def evaluate(
     progress: bool = True,
     screener=None,
     tta: int = 0,
+    adapter=None,
 ) -> dict:
-    """Screen every case of ``data`` with ``model`` (name or model object) and write metrics to
-    ``out``; ``tta`` test-time views feed the uncertainty (``inference.uncertainty``)."""
+    """Screen every case of ``data`` with ``model`` (name or model object), optionally with a
+    few-shot ``adapter`` (file or ``Adapter``), and write metrics to ``out``; ``tta``
+    test-time views feed the uncertainty (``inference.uncertainty``)."""
     from tqdm import tqdm
 
     from medalign.core.atomic import atomic_output, write_text
@@ -88,7 +90,8 @@ def evaluate(
     if not cases:
         raise InputError(f"{data} has no labels.csv or reports.csv to evaluate against.")
     out = prepare(out)  # an unusable --out fails now, not after screening the whole cohort
-    screener = screener or Screener(model=model, findings=findings or labelled_findings(cases), device=device, tta=tta)
+    screener = screener or Screener(model=model, findings=findings or labelled_findings(cases), device=device, tta=tta,
+                                    adapter=adapter)
     names = screener.findings
     labels = resolve_labels(cases, names).numpy()
     tol = tolerance_mm if tolerance_mm is not None else _default_tolerance(screener.model)
@@ -129,6 +132,7 @@ def evaluate(
     macro = _macro(per_finding)
     summary = {
         "data": str(data), "model": screener.model_name, "cases": len(cases),
+        "adapter": None if adapter is None or not isinstance(adapter, (str, Path)) else str(adapter),
         "tolerance_mm": tol, "ece_bins": ECE_BINS, "tta": screener.tta, "macro": macro, "findings": per_finding,
     }
     write_text(out / "metrics.json", json.dumps(summary, indent=2, default=float) + "\n")

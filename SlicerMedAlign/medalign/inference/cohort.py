@@ -99,9 +99,15 @@ def _cases_from_folder(source: Path) -> list[CohortCase]:
     return cases
 
 
-def run_settings(model_name: str, findings: Sequence[str], with_maps: bool) -> dict[str, Any]:
-    """What a case's results depend on: results made with other settings are not reused."""
-    return {"model": model_name, "findings": list(findings), "maps": bool(with_maps)}
+def run_settings(model_name: str, findings: Sequence[str], with_maps: bool, adapter: str | Path | None = None) -> dict[str, Any]:
+    """What a case's results depend on: results made with other settings are not reused
+    (an adapter by its file's SHA-256, so a re-trained adapter at the same path counts as new)."""
+    settings: dict[str, Any] = {"model": model_name, "findings": list(findings), "maps": bool(with_maps)}
+    if adapter is not None:
+        from medalign.models.download import sha256_file
+
+        settings["adapter"] = {"path": str(adapter), "sha256": sha256_file(Path(adapter))}
+    return settings
 
 
 def done_earlier(folder: Path, case: CohortCase, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -130,6 +136,7 @@ def screen_cohort(
     rank: int = 0,
     world: int = 1,
     progress: bool = True,
+    adapter: str | Path | None = None,
 ) -> CohortSummary:
     """Screen this process's share (``rank`` of ``world``) of a cohort into ``out``/<case>/
     and write ``summary.csv`` (``summary.rank<r>.csv`` under torchrun)."""
@@ -142,8 +149,8 @@ def screen_cohort(
                            reserved=["summary", "summary.csv", *(f"summary.rank{r}.csv" for r in range(world))])
     lock = LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}"
     with claim(out, lock, clean=world == 1) as out:
-        screener = Screener(model=model, findings=findings, device=device, precision=precision)
-        settings = run_settings(screener.model_name, screener.findings, with_maps)
+        screener = Screener(model=model, findings=findings, device=device, precision=precision, adapter=adapter)
+        settings = run_settings(screener.model_name, screener.findings, with_maps, adapter)
         summary = CohortSummary()
         for case in _progress(cases[rank::world], summary, rank, world, progress):
             summary.rows.append(_screen_case(screener, case, out, folders[case.case_id], settings))

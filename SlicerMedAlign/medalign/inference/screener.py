@@ -10,11 +10,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from medalign.core.errors import CancelledError
 from medalign.core.volume import Volume
+from medalign.inference.adapter import (
+    Adapter,
+    adapted_calibration,
+    apply_adapter,
+    check_model,
+    check_registry_model,
+    model_fingerprint,
+    read_adapter,
+)
 from medalign.inference.hotspot import hotspot_of
 from medalign.inference.results import FindingResult, ScreeningResult, is_near_chance
 from medalign.inference.text_cache import cached_text_latents, model_identity, text_cache_enabled
@@ -91,7 +101,13 @@ def _ensemble(latents: torch.Tensor) -> torch.Tensor:
 
 
 class Screener:
-    """A model plus the prompt latents of one finding list, reusable across volumes."""
+    """A model plus the prompt latents of one finding list, reusable across volumes.
+
+    ``adapter`` (a file from ``medalign adapt`` or an ``Adapter``) replaces its findings'
+    ensembled prompt latents and merges its calibration over the model's; it is read
+    before the model loads (a bad file costs no model load), chooses the model when none
+    is named, and is refused for weights other than its own.
+    """
 
     def __init__(
         self,
@@ -100,6 +116,7 @@ class Screener:
         device: str = "auto",
         precision: str = "auto",
         tta: int = 0,
+        adapter: str | Path | Adapter | None = None,
     ) -> None:
         from medalign.core.device import resolve_device
         from medalign.core.errors import InputError
@@ -107,6 +124,12 @@ class Screener:
         if not 0 <= int(tta) <= MAX_TTA:
             raise InputError(f"The number of test-time views must lie between 0 and {MAX_TTA}, not {tta}.")
         self.tta = int(tta)  # extra encodings of shifted views, for the uncertainty (inference.uncertainty)
+        self.adapter = read_adapter(adapter) if isinstance(adapter, (str, Path)) else adapter
+        adapter_path = adapter if isinstance(adapter, (str, Path)) else ""
+        if model is None and self.adapter is not None and self.adapter.registered:
+            model = self.adapter.model
+        if isinstance(model, str) and self.adapter is not None:
+            check_registry_model(self.adapter, model, adapter_path)
         # a bad finding list costs no model load; none asked for: the model's own list (its spec's)
         self.findings = parse_findings(findings if findings is not None else _default_findings(model))
         self.device = resolve_device(device)
@@ -114,6 +137,14 @@ class Screener:
         self._from_registry = not isinstance(model, ScreeningModel)
         self.model, self.model_name = get_model(model, self.device)
         self.prompts = self._prompt_latents()
+        if self.adapter is not None:
+            name, sha, _ = self.fingerprint()
+            check_model(self.adapter, name, sha, adapter_path)
+            self.prompts = apply_adapter(self.prompts, self.adapter)
+
+    def fingerprint(self) -> tuple[str, str, bool]:
+        """(name, weights SHA-256, registered) of the model: what an adapter is tied to."""
+        return model_fingerprint(self.model, self.model_name if self._from_registry else None)
 
     def _text_identity(self) -> str:
         """What keys this model's text latents on disk (registry name + weights SHA, or a digest)."""
@@ -140,8 +171,17 @@ class Screener:
         return out
 
     def calibration(self) -> Calibration:
-        """Thresholds, held-out AUCs and temperatures of the model (unfitted findings: defaults)."""
-        return self.model.calibration
+        """Thresholds, held-out AUCs and temperatures of the model, the adapter's over them
+        (unfitted findings: defaults)."""
+        return adapted_calibration(self.model.calibration, self.adapter)
+
+    def features(self, volume: Volume):
+        """The frozen encoder's features of ``volume`` exactly as screening computes them
+        (preprocessing, precision, GPU fallback): what few-shot adaptation learns on."""
+        from medalign.core.device import run_with_fallback
+
+        feats, _, _ = run_with_fallback(lambda d: self._encode(volume, d), self.device)
+        return feats
 
     @torch.no_grad()
     def __call__(
@@ -274,8 +314,10 @@ def screen(
     precision: str = "auto",
     with_maps: bool = True,
     tta: int = 0,
+    adapter: str | Path | Adapter | None = None,
 ) -> ScreeningResult:
-    """Screen one CT volume for ``findings`` (default: the 18 CT-RATE abnormalities);
-    ``tta`` extra shifted encodings widen the uncertainty to the image side."""
-    screener = Screener(model=model, findings=findings, device=device, precision=precision, tta=tta)
+    """Screen one CT volume for ``findings`` (default: the model's own list), optionally with
+    a few-shot ``adapter`` from ``medalign adapt``; ``tta`` extra shifted encodings widen the
+    uncertainty to the image side."""
+    screener = Screener(model=model, findings=findings, device=device, precision=precision, tta=tta, adapter=adapter)
     return screener(volume, progress=progress, cancel=cancel, with_maps=with_maps)

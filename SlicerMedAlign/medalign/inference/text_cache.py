@@ -19,7 +19,7 @@ import torch
 from medalign.core.atomic import atomic_output
 from medalign.models.base import ScreeningModel
 
-__all__ = ["cached_text_latents", "model_identity", "text_cache_dir", "text_cache_enabled"]
+__all__ = ["cached_text_latents", "model_identity", "state_digest", "text_cache_dir", "text_cache_enabled"]
 
 _FOLDER = "text-latents"
 
@@ -36,7 +36,7 @@ def text_cache_dir() -> Path:
     return cache_dir() / _FOLDER
 
 
-def _state_digest(model: ScreeningModel) -> str:
+def state_digest(model: ScreeningModel) -> str:
     """SHA-256 over every tensor of ``model``: any weight change (text side included) is a new key."""
     h = hashlib.sha256(type(model).__qualname__.encode())
     for key, value in sorted(model.state_dict().items()):
@@ -63,7 +63,7 @@ def model_identity(model: ScreeningModel, registry_name: str | None) -> str:
             entry = None
         if entry is not None and entry.sha256:
             return f"{entry.name}|{entry.sha256}|{entry.text_encoder or 'default'}"
-    return f"object|{_state_digest(model)}"
+    return f"object|{state_digest(model)}"
 
 
 def _path(identity: str, text: str) -> Path:

@@ -204,7 +204,7 @@ class RunController:
             line = line.rstrip("\r")
             self._stderr.append(line)
             if line.strip():
-                logger.info("screening process: %s", line)
+                logger.info("%s process: %s", self.job.what if self.job is not None else "background", line)
 
     def _failed_to_start(self, reason: str) -> None:
         what = self.job.what if self.job is not None else "screening"

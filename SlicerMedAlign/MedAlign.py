@@ -215,9 +215,10 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def onAboutToQuit(self) -> None:
-        """Slicer is closing (or the module reloads): no screening process may outlive it."""
+        """Slicer is closing (or the module reloads): no background process may outlive it
+        (a download's partial file stays; the next download resumes it)."""
         if self.runs is not None:
-            self.runs.cancel("Slicer is closing; screening was cancelled.")
+            self.runs.cancel(None if self.runs.downloading else "Slicer is closing; screening was cancelled.")
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -226,7 +227,9 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self.runs is not None:  # the controller observes the scene too; this is idempotent
+        # The controller observes the scene too (this is idempotent); a model download
+        # belongs to no scene and goes on.
+        if self.runs is not None and not self.runs.downloading:
             self.runs.cancel("The scene was closed; screening was cancelled and nothing was created.")
         self.setParameterNode(None)
 
@@ -287,9 +290,13 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        index = self.ui.modelComboBox.findText(p.model)
+        index = self.ui.modelComboBox.findData(p.model)
         if index >= 0 and index != self.ui.modelComboBox.currentIndex:
+            # Showing the saved choice is not a new choice: no download question for it
+            # (blockSignals as in Slicer's effects, SegmentEditorEffect.py:70-72 at v5.8.1).
+            wasBlocked = self.ui.modelComboBox.blockSignals(True)
             self.ui.modelComboBox.currentIndex = index
+            self.ui.modelComboBox.blockSignals(wasBlocked)
         self._updatingFindings = True
         checked = set(p.findings)
         for row in range(self.ui.findingsListWidget.count):
@@ -299,9 +306,12 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.resultsTableView.mrmlTableNode() is not p.resultTable:
             self.ui.resultsTableView.setMRMLTableNode(p.resultTable)
         running = self.runs is not None and self.runs.running
+        downloading = self.runs is not None and self.runs.downloading
         installing = self.runs is not None and self.runs.state is MedAlignLib.RunState.INSTALLING
-        self.ui.screenButton.text = "Cancel" if running else "Screen"
+        # While a model downloads, the one button is its Cancel: Screen waits for the weights.
+        self.ui.screenButton.text = "Cancel download" if downloading else "Cancel" if running else "Screen"
         self.ui.screenButton.enabled = not installing and (running or bool(p.inputVolume))
+        self.ui.modelComboBox.enabled = not running and not installing
         self.ui.progressBar.setVisible(running)
         hasResults = p.resultTable is not None
         self.ui.hotspotToSegmentButton.enabled = hasResults and not running
@@ -309,10 +319,21 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ lists
     def populateModels(self) -> None:
-        self.ui.modelComboBox.clear()
-        for name, description in self.logic.models():
-            self.ui.modelComboBox.addItem(name)
-            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, description, qt.Qt.ToolTipRole)
+        """Every model under its label ("COLIPRI — MIT · 1.2 GB · not downloaded", from
+        ``MedAlignLib.model_choices``, shared with the web viewer), its name as item data
+        (``addItem(text, userData)``, ``itemData``, ``findData``: Slicer v5.8.1
+        SegmentEditorSmoothingEffect.py:49, 128, 152). Refilling is not a choice: signals
+        are blocked, so no download question comes from it."""
+        combo = self.ui.modelComboBox
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for choice in MedAlignLib.model_choices():
+            combo.addItem(choice.label, choice.name)
+            tip = f"{choice.description}\nTrained on: {choice.trained_on}" if choice.trained_on else choice.description
+            combo.setItemData(combo.count - 1, tip, qt.Qt.ToolTipRole)
+        if self._parameterNode is not None:
+            combo.currentIndex = max(0, combo.findData(self._parameterNode.model))
+        combo.blockSignals(wasBlocked)
 
     def populateFindings(self) -> None:
         self.ui.findingsListWidget.clear()
@@ -324,8 +345,34 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.findingsListWidget.addItem(item)
 
     def onModelChanged(self, index: int) -> None:
-        if self._parameterNode is not None and index >= 0:
-            self._parameterNode.model = self.ui.modelComboBox.itemText(index)
+        """The user chose a model: remember it, and if its weights are not here, ask once
+        whether to download them now."""
+        if self._parameterNode is None or index < 0:
+            return
+        name = self.ui.modelComboBox.itemData(index)
+        self._parameterNode.model = name
+        self.offerDownload(name)
+
+    def offerDownload(self, name: str) -> bool:
+        """Ask once (``confirmOkCancelDisplay``: OK in testing mode; Slicer v5.8.1
+        Base/Python/slicer/util.py:2992) and start the background download; True when one
+        started. Progress, Cancel and the outcome come through the run controller."""
+        if not MedAlignLib.needs_download(name):
+            return False
+        choice = MedAlignLib.model_choice(name)
+        if not slicer.util.confirmOkCancelDisplay(MedAlignLib.download_question(choice),
+                                                  windowTitle="MedAlign: download model"):
+            self.ui.statusLabel.text = f"Model {choice.title} is not downloaded; press Screen to be asked again."
+            return False
+        with slicer.util.tryWithErrorDisplay("Could not start the download.", waitCursor=True):
+            with self.runs.installing():  # the download child needs huggingface_hub & co. too
+                installed = self.logic.installDependencies(askConfirmation=True)
+            if not installed:
+                self.ui.statusLabel.text = "MedAlign needs its Python packages to download a model."
+                return False
+            self.runs.start_download(name)
+            return True
+        return False
 
     def onFindingItemChanged(self, item) -> None:
         if self._updatingFindings or self._parameterNode is None:
@@ -362,6 +409,9 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.findingsListWidget.count == 0:
             self.populateFindings()
             self.updateGUIFromParameterNode()
+        if MedAlignLib.needs_download(p.model):  # declined before: ask again instead of screening
+            self.offerDownload(p.model)
+            return
         findings = self.logic.findingList(list(p.findings), p.customFindings)
         self.runs.logic = self.logic.lib
         self.runs.start(p.inputVolume, findings, p.model, p.device, adapter=p.adapterPath or None)
@@ -375,7 +425,10 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRunDone(self, outcome) -> None:
         """Results into the parameter node; the map only if the panel is shown (decided by
-        the controller: a run ending while the user is elsewhere leaves their views alone)."""
+        the controller: a run ending while the user is elsewhere leaves their views alone).
+        After a download the model labels are read again (its status changed)."""
+        if outcome.kind == "download":
+            self.populateModels()
         p = self._parameterNode
         if outcome.table is not None and p is not None:
             if outcome.show_finding:
@@ -627,6 +680,11 @@ class MedAlignTest(ScriptedLoadableModuleTest):
         volumeNode = self.loadPhantom()
         p = widget._parameterNode
         p.inputVolume, p.findings, p.customFindings, p.device = volumeNode, self.FINDINGS, "", "cpu"
+
+        combo = widget.ui.modelComboBox  # labels from MedAlignLib.model_choices, names as item data
+        self.assertEqual({combo.itemData(i): combo.itemText(i) for i in range(combo.count)},
+                         {choice.name: choice.label for choice in MedAlignLib.model_choices()})
+        self.assertEqual(combo.itemData(combo.currentIndex), p.model)
 
         self.delayDisplay("Screen from the panel")
         widget.ui.screenButton.click()

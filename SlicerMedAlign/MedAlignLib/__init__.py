@@ -5,10 +5,11 @@ Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer`
 (trame-slicer / slicer-core) alike. Heavy engine parts (torch) load on first use.
 """
 
-from .background import BackgroundScreening
+from .background import BackgroundDownload, BackgroundScreening
 from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
 from .dependencies import REQUIREMENTS, dependency_problems, missing_dependencies, pip_requirements, plan_install
 from .logic import TABLE_COLUMNS, ScreeningLogic, is_medalign_map, register_node_classes, threshold_value
+from .model_choices import ModelChoice, download_question, model_choice, model_choices, needs_download
 from .nodes import node_from_volume, volume_from_node
 from .processes import PopenProcess, end_process_tree
 from .report import describe_location, export_report
@@ -22,10 +23,12 @@ from .results_view import (
 from .run_controller import BusyError, RunController, RunOutcome, RunState
 
 __all__ = [
+    "BackgroundDownload",
     "BackgroundScreening",
     "BusyError",
     "COLOR_NODE_NAME",
     "DisplayController",
+    "ModelChoice",
     "PopenProcess",
     "REQUIREMENTS",
     "RunController",
@@ -35,6 +38,7 @@ __all__ = [
     "TABLE_COLUMNS",
     "dependency_problems",
     "describe_location",
+    "download_question",
     "end_process_tree",
     "ensure_color_node",
     "export_report",
@@ -46,6 +50,9 @@ __all__ = [
     "is_medalign_map",
     "is_screenable_volume",
     "missing_dependencies",
+    "model_choice",
+    "model_choices",
+    "needs_download",
     "node_from_volume",
     "pip_requirements",
     "plan_install",

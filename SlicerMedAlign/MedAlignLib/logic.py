@@ -291,7 +291,8 @@ class ScreeningLogic:
         ``finding`` is a name or a map node; ``threshold`` is a fraction (0..1) of the map's
         peak below which the map is transparent (None: the hotspot's own threshold);
         ``layout`` optionally sets the scene's view arrangement (a vtkMRMLLayoutNode value).
-        Returns the map node.
+        In the 3D view the map's region shows as its own object (``map_surface``: the
+        iso-surface at the same threshold, with the overlay's opacity). Returns the map node.
         """
         map_node = finding if hasattr(finding, "GetID") else self.map_node(finding, table)
         input_node = map_node.GetNodeReference(REF_INPUT)
@@ -310,11 +311,22 @@ class ScreeningLogic:
             composite.SetForegroundVolumeID(map_node.GetID())
             composite.SetForegroundOpacity(opacity)
         self._show_legend(map_node)
+        self._show_surface(map_node, value, opacity)
         if layout is not None:
             layouts = nodes_of_class(self.scene, "vtkMRMLLayoutNode")
             if layouts:
                 layouts[0].SetViewArrangement(int(layout))
         return map_node
+
+    def _show_surface(self, map_node, value: float, opacity: float) -> None:
+        """The map's region as a solid in the 3D view (``map_surface``), beside the map in
+        the subject hierarchy, saved with the scene."""
+        from .map_surface import show_surface, surface_of
+
+        new = surface_of(map_node) is None
+        surface = show_surface(self.scene, map_node, value, opacity, add_node=lambda node: _add_with_storage(self.scene, node))
+        if new:
+            self._parent_like(surface, map_node)
 
     def _show_legend(self, map_node) -> None:
         """A colour legend for the shown map only (other MedAlign maps' legends are hidden)."""

@@ -1,9 +1,11 @@
-"""The life of one screening run of the panel, without Qt: start, progress, cancel, end.
+"""The life of one background run of the panel, without Qt: start, progress, cancel, end.
 
 Every decision the Slicer panel makes about a run lives here, so it is tested headless
 on real slicer-core scenes and real child processes; ``MedAlign.py`` only binds Qt
-signals to it. A run is a ``BackgroundScreening`` job executed by a ``ChildProcess``
-(``QProcess`` adapter in Slicer, ``PopenProcess`` elsewhere). Whatever happens (success,
+signals to it. A run is a job executed by a ``ChildProcess`` (``QProcess`` adapter in
+Slicer, ``PopenProcess`` elsewhere): a ``BackgroundScreening`` or a ``BackgroundDownload``
+of a model's weights, one at a time, through the same progress bar and Cancel. Whatever
+happens to a screening (success,
 bad input, a crash, a cancel, a program that does not start, the scene closed or the
 input node removed mid-run) the controller ends idle, the work folder is gone and
 either all result nodes exist or none.
@@ -17,12 +19,13 @@ import enum
 import logging
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from medalign.core.errors import CancelledError, InputError, MedAlignError
 
-from .background import BackgroundScreening
+from .background import BackgroundDownload, BackgroundJob, BackgroundScreening
+from .model_choices import needs_download
 from .processes import ChildProcess, end_process_tree
 
 logger = logging.getLogger("MedAlign")
@@ -47,19 +50,23 @@ class RunOutcome:
     """How a run ended. ``status``: "done", "cancelled" or "failed"; ``message``: one
     sentence for the status line; ``show_finding``: the finding to overlay now ("" when
     the panel is not shown: a run that ends while the user is elsewhere must not rewire
-    their slice views)."""
+    their slice views); ``kind``: "screening" or "download" (after a download the model
+    list is shown again: its status changed); ``model``: the downloaded model's name."""
 
     status: str
     message: str
     table: Any = None
     show_finding: str = ""
+    kind: str = "screening"
+    model: str = ""
 
 
 ProgressFn = Callable[[float, str], None]
 
 
 class RunController:
-    """Start, follow and end background screening runs for one scene's ``ScreeningLogic``.
+    """Start, follow and end background runs (screenings and model downloads, one at a
+    time) for one scene's ``ScreeningLogic``.
 
     ``new_process`` makes a fresh ``ChildProcess`` per run; ``on_progress(fraction,
     message)``, ``on_state(RunState)`` and ``on_done(RunOutcome)`` report back to the UI;
@@ -80,7 +87,7 @@ class RunController:
         self.python = python
         self.cancel_timeout_s = cancel_timeout_s
         self.state = RunState.IDLE
-        self.job: BackgroundScreening | None = None
+        self.job: BackgroundJob | None = None
         self.process: ChildProcess | None = None
         self.last_outcome: RunOutcome | None = None
         self._run = 0  # numbers runs: events of an abandoned process are ignored
@@ -100,6 +107,11 @@ class RunController:
     def running(self) -> bool:
         return self.state in (RunState.RUNNING, RunState.CANCELLING)
 
+    @property
+    def downloading(self) -> bool:
+        """A model download runs (the panels keep Screen disabled and offer Cancel)."""
+        return self.running and self.job is not None and self.job.kind == BackgroundDownload.kind
+
     def _set_state(self, state: RunState) -> None:
         self.state = state
         self.on_state(state)
@@ -107,6 +119,9 @@ class RunController:
     def _refuse_if_busy(self) -> None:
         if self.state is RunState.INSTALLING:
             raise BusyError("MedAlign's Python packages are being installed; wait for the installation to finish.")
+        if self.downloading:
+            raise BusyError(f"Model '{self.job.model}' is being downloaded; wait for the download to finish "
+                            "or press Cancel first.")
         if self.busy:
             raise BusyError("A screening is already running; press Cancel to stop it first.")
 
@@ -127,12 +142,32 @@ class RunController:
               adapter: str | None = None) -> None:
         """Write the hand-off volume and start the child; returns at once (events follow).
         ``adapter``: a ``medalign adapt`` file (empty or None: none); a bad or foreign one
-        ends the run with the child's one sentence."""
+        ends the run with the child's one sentence.
+
+        A model whose weights are not downloaded is refused: the panels ask before a
+        download (``start_download``), a screening never starts one unasked."""
         self._refuse_if_busy()
         if volume_node is None:
             raise InputError("Select a CT volume to screen.")
-        job = BackgroundScreening(volume_node, findings=findings, model=model or None, device=device,
-                                  python=self.python, adapter=adapter or None)
+        if needs_download(model):
+            raise InputError(f"Model '{model}' is not downloaded yet; download it first (choose it in the model "
+                             "list and confirm the download).")
+        self._launch(BackgroundScreening(volume_node, findings=findings, model=model or None, device=device,
+                                         python=self.python, adapter=adapter or None))
+
+    def start_download(self, model: str) -> None:
+        """Download (or resume) and verify ``model``'s weights in a child process; returns at
+        once. Progress, Cancel (the partial file stays for a later resume) and the outcome
+        sentence go through the same callbacks as a screening's."""
+        from medalign.models import registry
+
+        self._refuse_if_busy()
+        if not model:
+            raise InputError("Choose a model to download.")
+        registry.get(model)  # an unknown name is one sentence here, not a child that fails
+        self._launch(BackgroundDownload(model, python=self.python))
+
+    def _launch(self, job: BackgroundJob) -> None:
         try:
             argv, env = job.command(), job.environment()
         except BaseException:
@@ -145,10 +180,10 @@ class RunController:
             self.process.start(argv, env, _RunEvents(self, run))
         except BaseException:
             if self._run == run:
-                self._end(RunOutcome("failed", "The screening process could not be started."))
+                self._end(RunOutcome("failed", f"The {job.what} process could not be started."))
             raise
 
-    def _begin(self, job: BackgroundScreening) -> None:
+    def _begin(self, job: BackgroundJob) -> None:
         self._run += 1
         self.job = job
         self._cancel_reason = None
@@ -172,11 +207,12 @@ class RunController:
             line = line.rstrip("\r")
             self._stderr.append(line)
             if line.strip():
-                logger.info("screening process: %s", line)
+                logger.info("%s process: %s", self.job.what if self.job is not None else "background", line)
 
     def _failed_to_start(self, reason: str) -> None:
+        what = self.job.what if self.job is not None else "screening"
         program = self.job.python if self.job is not None else "the screening program"
-        self._end(RunOutcome("failed", f"Could not start the screening process {program}: {reason.rstrip('.')}."))
+        self._end(RunOutcome("failed", f"Could not start the {what} process {program}: {reason.rstrip('.')}."))
 
     def _finished(self, exit_code: int, crashed: bool) -> None:
         self._unobserve_scene()
@@ -184,18 +220,21 @@ class RunController:
         self._stderr_data(b"", final=True)
         stderr = "\n".join(self._stderr)
         try:
-            table = self.job.finish(exit_code, stderr, self.logic, cancelled=self._cancel_reason is not None,
-                                    crashed=crashed)
+            result = self.job.finish(exit_code, stderr, self.logic, cancelled=self._cancel_reason is not None,
+                                     crashed=crashed)
         except CancelledError as exc:
             outcome = RunOutcome("cancelled", self._cancel_reason or str(exc))
         except MedAlignError as exc:
             outcome = RunOutcome("failed", str(exc))
         except Exception as exc:  # loading the results broke: still end idle, say it, keep the trace in the log
-            logger.exception("MedAlign: loading the screening results failed")
-            outcome = RunOutcome("failed", f"Loading the screening results failed: {exc}")
+            logger.exception("MedAlign: finishing the %s failed", self.job.what)
+            outcome = RunOutcome("failed", f"{self._finishing_words()} failed: {exc}")
         else:
-            outcome = self._success(table)
+            outcome = RunOutcome("done", result) if self.job.kind == BackgroundDownload.kind else self._success(result)
         self._end(outcome)
+
+    def _finishing_words(self) -> str:
+        return "Checking the download" if self.job.kind == BackgroundDownload.kind else "Loading the screening results"
 
     def _success(self, table) -> RunOutcome:
         rows = table.GetNumberOfRows()
@@ -209,6 +248,7 @@ class RunController:
         self._unobserve_scene()
         if self.job is not None:
             self.job.cleanup()
+            outcome = replace(outcome, kind=self.job.kind, model=getattr(self.job, "model", None) or "")
         self.job, self.process, self._cancel_reason = None, None, None
         self._run += 1
         self.last_outcome = outcome
@@ -216,15 +256,17 @@ class RunController:
         self.on_done(outcome)
 
     # ------------------------------------------------------------------ cancel
-    def cancel(self, reason: str = "Screening was cancelled; nothing was created.") -> bool:
+    def cancel(self, reason: str | None = None) -> bool:
         """End the child's whole process tree and wait for it; False when nothing ran.
 
-        Returns with the controller idle: if the child does not report its end within
-        ``cancel_timeout_s`` the run is closed anyway and its late events are ignored.
+        ``reason`` is the outcome's sentence (default: the job's own, e.g. "Screening was
+        cancelled; nothing was created."). Returns with the controller idle: if the child
+        does not report its end within ``cancel_timeout_s`` the run is closed anyway and
+        its late events are ignored.
         """
         if self.state is not RunState.RUNNING:
             return False
-        self._cancel_reason = reason
+        self._cancel_reason = reason or self.job.cancelled_message
         self._set_state(RunState.CANCELLING)
         run, process = self._run, self.process
         pid = process.pid() if process is not None else None

@@ -83,14 +83,13 @@ class WebViewer(TrameApp):
 
     # ------------------------------------------------------------------ state
     def _init_state(self, volumes: list[str]) -> None:
-        from medalign.models.registry import list_models
-
-        models = [entry.name for entry in list_models()]
+        models = self.session.models()
         self.state.update({
             "trame__title": "MedAlign web viewer",
             "server_volumes": [{"title": Path(v).name, "value": str(v)} for v in volumes],
             "server_volume": None, "volume_name": "", "upload": None,
-            "models": models, "model": models[0] if models else None,
+            "models": models, "model": models[0]["value"] if models else None,
+            "download_dialog": False, "download_model": None, "download_question": "",
             "presets": PRESETS, "preset": "ct-rate", "free_text": "",
             "busy": False, "progress": 0.0, "status": "Load a CT: a file on the server, an upload or the sample CT.",
             "error": "", "rows": [], "shown": "", "opacity": 0.5, "threshold": 0.5,
@@ -164,17 +163,40 @@ class WebViewer(TrameApp):
         self.state.volume_name = node.GetName()
         self.state.status = f"Loaded {node.GetName()}. Choose a model and findings, then press Screen."
 
+    # ------------------------------------------------------------------ models
+    def choose_model(self, model: str | None) -> None:
+        """A model was picked: one that is not downloaded asks first (the confirm dialog)."""
+        question = self._guard(self.session.download_question, model)
+        if question:
+            self.state.update({"download_question": question, "download_model": model, "download_dialog": True})
+
+    def download(self, model: str | None) -> None:
+        """The dialog's Download: the weights come in a child process, with the progress bar and Cancel."""
+        self.state.download_dialog = False
+        if model and self._guard(self.session.start_download, model) is None and self.session.running:
+            self._running(f"Downloading model '{model}'...")
+
     # ------------------------------------------------------------------ run
     def screen(self, model: str | None, preset: str, free_text: str) -> None:
         """The page's choices come as arguments (what this browser shows), not from the
-        shared state, which another browser or a late sync could have changed."""
+        shared state, which another browser or a late sync could have changed. A model
+        that is not downloaded asks for its download instead of screening."""
+        if self._guard(self.session.download_question, model):
+            return self.choose_model(model)
         findings = self._guard(findings_request, preset, free_text)
         if findings and self._guard(self.session.start, model, findings) is None and self.session.running:
-            self._run_owner = self._active_client()
-            self.state.busy = True
-            self.state.progress = 0.0
-            self._started = asyncio.get_event_loop().time()
-            self._pump_task = create_task(self._pump())
+            self._running()
+        return None
+
+    def _running(self, status: str | None = None) -> None:
+        """A child was started by this browser: the page turns busy and its output is pumped."""
+        self._run_owner = self._active_client()
+        self.state.busy = True
+        self.state.progress = 0.0
+        if status:
+            self.state.status = status
+        self._started = asyncio.get_event_loop().time()
+        self._pump_task = create_task(self._pump())
 
     async def _pump(self) -> None:
         while self.session.running:
@@ -197,6 +219,8 @@ class WebViewer(TrameApp):
         if outcome.table is not None:
             self.state.screen_seconds = round(asyncio.get_event_loop().time() - self._started, 1)
             self._refresh_results()
+        if outcome.kind == "download":
+            self.state.models = self.session.models()  # the label now says downloaded (or still not)
 
     # ------------------------------------------------------------------ results
     def show(self, finding: str) -> None:
@@ -249,8 +273,9 @@ class WebViewer(TrameApp):
                 viewer._clients.discard(client_id)
                 owner = viewer._run_owner
                 if viewer.session.running and (client_id == owner or (owner is None and not viewer._clients)):
-                    logger.info("the browser that started the screening left: cancelling it")
-                    viewer.session.cancel("The browser that started the screening left; it was cancelled.")
+                    what = "download" if viewer.session.downloading else "screening"
+                    logger.info("the browser that started the %s left: cancelling it", what)
+                    viewer.session.cancel(f"The browser that started the {what} left; it was cancelled.")
 
         protocol.registerLinkProtocol(_Connections())
 

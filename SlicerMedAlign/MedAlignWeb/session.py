@@ -21,6 +21,7 @@ from pathlib import Path
 from medalign.core.errors import InputError
 from MedAlignLib import DisplayController, PopenProcess, RunController, RunOutcome, RunState, ScreeningLogic
 from MedAlignLib.logic import FINDING
+from MedAlignLib.model_choices import download_question, model_choice, model_choices
 from MedAlignLib.nodes import node_from_volume
 from MedAlignLib.results_view import OPACITY, RESULT_TABLE, SHOWN_FINDING, THRESHOLD
 
@@ -74,10 +75,34 @@ class ScreeningSession:
 
         return self.load_volume(sample_chest_ct().volume, "sample chest CT (synthetic)")
 
+    # ------------------------------------------------------------------ models
+    @staticmethod
+    def models() -> list[dict]:
+        """The model select's items: the panel's labels ("COLIPRI — MIT · not downloaded"),
+        read afresh each time (a download changes them)."""
+        return [{"title": choice.label, "value": choice.name} for choice in model_choices()]
+
+    @staticmethod
+    def download_question(model: str | None) -> str:
+        """The question to ask before ``model`` can screen, or "" when its weights are here."""
+        if not model:
+            return ""
+        choice = model_choice(model)
+        return download_question(choice) if choice.needs_download else ""
+
+    def start_download(self, model: str) -> None:
+        """Download (or resume) ``model``'s weights in a child process, with the same progress,
+        Cancel and one-job-at-a-time rule as a screening."""
+        self.runs.start_download(model)
+
     # ------------------------------------------------------------------ run
     @property
     def running(self) -> bool:
         return self.runs.running
+
+    @property
+    def downloading(self) -> bool:
+        return self.runs.downloading
 
     def start(self, model: str | None, findings: list[str]) -> None:
         """Start screening the loaded CT in a child process (one run at a time: a second
@@ -98,7 +123,7 @@ class ScreeningSession:
 
     def close(self) -> None:
         """End what this session started (the server is going away): no child outlives it."""
-        self.runs.cancel("The web viewer closed; screening was cancelled.")
+        self.runs.cancel(None if self.downloading else "The web viewer closed; screening was cancelled.")
         self.display.close()
 
     def _run_done(self, outcome: RunOutcome, forward) -> None:

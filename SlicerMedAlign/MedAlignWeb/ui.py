@@ -58,7 +58,8 @@ def _input_panel(viewer) -> None:
 
 def _run_panel(viewer) -> None:
     v3.VSelect(label="Model", v_model=("model",), items=("models",), density="compact", hide_details=True,
-               disabled=("busy",), **tid("model"))
+               disabled=("busy",), update_modelValue=(viewer.choose_model, "[$event]"), **tid("model"))
+    _download_dialog(viewer)
     v3.VSelect(label="Findings preset", v_model=("preset",), items=("presets",), density="compact",
                hide_details=True, disabled=("busy",), **tid("preset"))
     v3.VTextField(label="Free-text findings (separate with ;)", v_model=("free_text",), density="compact",
@@ -71,6 +72,17 @@ def _run_panel(viewer) -> None:
     v3.VProgressLinear(model_value=("progress",), height=8, color="primary", **tid("progress"))
     html.Div("{{ status }}", classes="text-body-2", **tid("status"))
     v3.VAlert(v_show="error", text=("error",), type="error", density="compact", **tid("error"))
+
+
+def _download_dialog(viewer) -> None:
+    """Asked once when a model that is not downloaded is chosen (or Screen is pressed with it)."""
+    with v3.VDialog(v_model=("download_dialog",), max_width=520, persistent=True), v3.VCard(**tid("download-dialog")):
+        v3.VCardTitle("Download the model?")
+        v3.VCardText("{{ download_question }}", **tid("download-question"))
+        with v3.VCardActions():
+            v3.VSpacer()
+            v3.VBtn("Not now", click="download_dialog = false", **tid("download-decline"))
+            v3.VBtn("Download", color="primary", click=(viewer.download, "[download_model]"), **tid("download-confirm"))
 
 
 def _results_panel(viewer) -> None:

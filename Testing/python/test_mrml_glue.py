@@ -527,3 +527,80 @@ def test_coverage_warnings_travel_through_the_results_table(screened):
         for map_node in logic.map_nodes(table).values():
             screened["app"].scene.RemoveNode(map_node)
         screened["app"].scene.RemoveNode(table)
+
+
+# ---------------------------------------------------------------------- the map in 3D
+def test_map_surface_lies_where_the_map_crosses_the_level_in_ras():
+    """A ball-shaped map on a flipped, anisotropic grid: its surface is a sphere of the
+    ball's radius around the ball's RAS centre (the IJK-to-RAS placement is right)."""
+    from MedAlignLib.map_surface import surface_polydata
+
+    app = new_app()
+    spacing, centre_ras, radius = (2.0, 3.0, 4.0), np.array([12.0, -30.0, 25.0]), 20.0
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [60.0, 40.0, -20.0]
+    shape_kji = (30, 40, 50)
+    grid = Volume(np.zeros(shape_kji, np.float32), affine)
+    k, j, i = np.meshgrid(*[np.arange(n) for n in shape_kji], indexing="ij")
+    ras = grid.ijk_to_ras_points(np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1))
+    grid.array = (radius - np.linalg.norm(ras - centre_ras, axis=1)).reshape(shape_kji).astype(np.float32)
+    map_node = node_from_volume(app.scene, grid, "ball map")
+    points = numpy_support.vtk_to_numpy(surface_polydata(map_node, 0.0).GetPoints().GetData())
+    distances = np.linalg.norm(points - centre_ras, axis=1)
+    assert len(points) > 500 and np.abs(distances - radius).max() < 0.5
+
+
+def ball_values(map_node, centre_ras: np.ndarray, radius: float) -> np.ndarray:
+    """[flat] values ``radius - distance to centre_ras`` on ``map_node``'s voxel grid."""
+    ni, nj, nk = map_node.GetImageData().GetDimensions()
+    k, j, i = np.meshgrid(np.arange(nk), np.arange(nj), np.arange(ni), indexing="ij")
+    ijk1 = np.stack([i.ravel(), j.ravel(), k.ravel(), np.ones(i.size)], axis=1)
+    ras = (ijk_to_ras(map_node) @ ijk1.T).T[:, :3]
+    return (radius - np.linalg.norm(ras - centre_ras, axis=1)).astype(np.float32)
+
+
+def test_shown_map_is_a_surface_in_3d_that_follows_the_overlay(screened):
+    from MedAlignLib.map_surface import SURFACE_ROLE, surface_of
+
+    scene, logic = screened["app"].scene, screened["logic"]
+    first, second = "Lung nodule", "Emphysema"
+    centre = {first: np.array([20.0, 30.0, -10.0]), second: np.array([-20.0, 0.0, -20.0])}
+    saved = {}  # each map becomes a ball of radius 40 mm (peak 40 at its centre), put back afterwards
+    for name in (first, second):
+        voxels = numpy_support.vtk_to_numpy(logic.map_node(name).GetImageData().GetPointData().GetScalars())
+        saved[name] = (voxels, voxels.copy())
+        voxels[:] = ball_values(logic.map_node(name), centre[name], 40.0)
+        logic.map_node(name).GetImageData().Modified()
+    try:
+        shown = logic.show_map(first, opacity=0.4, threshold=0.5)
+        surface = surface_of(shown)
+        display = surface.GetDisplayNode()
+        assert surface.GetAttribute("MedAlign.Role") == SURFACE_ROLE and surface.GetAttribute(glue.FINDING) == first
+        assert display.GetVisibility() and display.GetVisibility3D() and not display.GetVisibility2D()
+        assert display.GetOpacity() == pytest.approx(0.4)
+        # where the map crosses the threshold (half its peak): a sphere of radius 40 - level, up to
+        # the linear interpolation of a cone on the map's coarse grid (16 mm voxels here)
+        tolerance = 0.15 * max(shown.GetSpacing())
+        level = shown.GetDisplayNode().GetLowerThreshold()
+        points = numpy_support.vtk_to_numpy(surface.GetPolyData().GetPoints().GetData())
+        assert np.abs(np.linalg.norm(points - centre[first], axis=1) - (40.0 - level)).max() < tolerance
+        # a higher threshold rebuilds it smaller; showing it again adds no node
+        assert logic.show_map(first, opacity=0.4, threshold=0.8) is shown and surface_of(shown) is surface
+        level = shown.GetDisplayNode().GetLowerThreshold()
+        points = numpy_support.vtk_to_numpy(surface.GetPolyData().GetPoints().GetData())
+        assert np.abs(np.linalg.norm(points - centre[first], axis=1) - (40.0 - level)).max() < tolerance
+        # another finding: its surface shows, the first hides; opacity 0 hides it too
+        other = surface_of(logic.show_map(second, opacity=0.6))
+        assert other is not surface and other.GetDisplayNode().GetVisibility() and not display.GetVisibility()
+        logic.show_map(second, opacity=0.0)
+        assert not other.GetDisplayNode().GetVisibility()
+        surfaces = [n for n in (scene.GetNthNodeByClass(i, "vtkMRMLModelNode")
+                                for i in range(scene.GetNumberOfNodesByClass("vtkMRMLModelNode")))
+                    if n.GetAttribute("MedAlign.Role") == SURFACE_ROLE]
+        assert sorted(s.GetName() for s in surfaces) == sorted(f"{name} map surface" for name in (first, second))
+        sh = scene.GetSubjectHierarchyNode()
+        assert sh.GetItemParent(sh.GetItemByDataNode(surface)) == sh.GetItemParent(sh.GetItemByDataNode(shown))
+    finally:
+        for name, (voxels, original) in saved.items():
+            voxels[:] = original
+            logic.map_node(name).GetImageData().Modified()

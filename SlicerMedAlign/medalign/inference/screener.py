@@ -146,7 +146,6 @@ class Screener:
         check: bool = True,
     ) -> ScreeningResult:
         from medalign.core.device import run_with_fallback
-        from medalign.inference.coverage import coverage_warnings
         from medalign.inference.input_checks import check_ct
 
         report = progress or (lambda f, m: None)
@@ -161,8 +160,9 @@ class Screener:
         if check:
             check_ct(volume)
         step(0.1, "preprocessing")
-        feats, prepared, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
-        warnings = coverage_warnings(prepared) if check else []
+        encoded, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
+        feats, prepared = encoded.features, encoded.prepared
+        warnings = list(encoded.coverage) if check else []
         step(0.5, "scoring findings")
         findings = self._score(feats, prepared, volume, device, step, with_maps)
         step(1.0, "done")
@@ -178,19 +178,25 @@ class Screener:
         )
 
     def _encode(self, volume: Volume, device: torch.device):
-        from medalign.core.device import autocast
-        from medalign.inference.preprocess import prepare
+        """The image side, once per (voxels, model, device, precision): a second call is a cache hit."""
+        from medalign.inference.feature_cache import encoded_image
 
         if device != self.device:  # fell back (GPU out of memory): move model and prompts once
             self.model = _move_model(self.model, device)
             self.device = device
             for p in self.prompts:
                 p.positive, p.negative, p.ensemble = (t.to(device) for t in (p.positive, p.negative, p.ensemble))
+        return encoded_image(volume, self.model, device, self.precision, lambda: self._encode_now(volume, device)), device
+
+    def _encode_now(self, volume: Volume, device: torch.device):
+        from medalign.core.device import autocast
+        from medalign.inference.preprocess import prepare
+
         prepared = prepare(volume, self.model.profile, device=device)
         with autocast(device, self.precision):
             feats = self.model.image_features(self.model.input_from_grid(prepared.tensor))
         feats.global_latent, feats.tokens = feats.global_latent.float(), feats.tokens.float()
-        return feats, prepared, device
+        return feats, prepared
 
     def _score(self, feats, prepared, volume: Volume, device, step, with_maps: bool) -> list[FindingResult]:
         from medalign.inference.preprocess import token_map_to_volume

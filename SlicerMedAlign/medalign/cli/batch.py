@@ -28,6 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_device_argument(p)
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="data-loader processes that read (on a CPU also preprocess) the next CTs while the model "
+                   "screens the current one (default 0: one after the other in this process)")
     p.set_defaults(func=run)
 
 
@@ -49,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     summary = screen_cohort(
         args.source, args.out, model=args.model, findings=args.findings,
         device=_torchrun_device(args.device, world), precision=args.precision,
-        with_maps=not args.no_maps, rank=rank, world=world,
+        with_maps=not args.no_maps, rank=rank, world=world, workers=args.workers,
     )
     print(f"{summary.line()}; summary: {summary.path}")
     return 0 if summary.count("failed") == 0 else 2

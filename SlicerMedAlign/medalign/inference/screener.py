@@ -16,6 +16,7 @@ import torch
 from medalign.core.errors import CancelledError
 from medalign.core.volume import Volume
 from medalign.inference.hotspot import hotspot_of
+from medalign.inference.preprocess import PreparedImage
 from medalign.inference.results import FindingResult, ScreeningResult, is_near_chance
 from medalign.inference.text_cache import cached_text_latents, model_identity, text_cache_enabled
 from medalign.knowledge.findings import parse_findings  # noqa: F401 -- its import path since the start
@@ -144,7 +145,9 @@ class Screener:
         cancel: CancelFn | None = None,
         with_maps: bool = True,
         check: bool = True,
+        prepared: PreparedImage | None = None,
     ) -> ScreeningResult:
+        """``prepared``: ``volume`` already prepared with this model's profile (a cohort's loader did it)."""
         from medalign.core.device import run_with_fallback
         from medalign.inference.input_checks import check_ct
 
@@ -160,7 +163,7 @@ class Screener:
         if check:
             check_ct(volume)
         step(0.1, "preprocessing")
-        encoded, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
+        encoded, device = run_with_fallback(lambda d: self._encode(volume, d, prepared), self.device)
         feats, prepared = encoded.features, encoded.prepared
         warnings = list(encoded.coverage) if check else []
         step(0.5, "scoring findings")
@@ -177,7 +180,7 @@ class Screener:
             warnings=warnings,
         )
 
-    def _encode(self, volume: Volume, device: torch.device):
+    def _encode(self, volume: Volume, device: torch.device, prepared: PreparedImage | None = None):
         """The image side, once per (voxels, model, device, precision): a second call is a cache hit."""
         from medalign.inference.feature_cache import encoded_image
 
@@ -186,13 +189,16 @@ class Screener:
             self.device = device
             for p in self.prompts:
                 p.positive, p.negative, p.ensemble = (t.to(device) for t in (p.positive, p.negative, p.ensemble))
-        return encoded_image(volume, self.model, device, self.precision, lambda: self._encode_now(volume, device)), device
+        encode = lambda: self._encode_now(volume, device, prepared)  # noqa: E731
+        return encoded_image(volume, self.model, device, self.precision, encode), device
 
-    def _encode_now(self, volume: Volume, device: torch.device):
+    def _encode_now(self, volume: Volume, device: torch.device, prepared: PreparedImage | None):
         from medalign.core.device import autocast
         from medalign.inference.preprocess import prepare
 
-        prepared = prepare(volume, self.model.profile, device=device)
+        if prepared is None or prepared.profile != self.model.profile:
+            prepared = prepare(volume, self.model.profile, device=device)
+        prepared.tensor = prepared.tensor.to(device)
         with autocast(device, self.precision):
             feats = self.model.image_features(self.model.input_from_grid(prepared.tensor))
         feats.global_latent, feats.tokens = feats.global_latent.float(), feats.tokens.float()

@@ -181,3 +181,24 @@ def test_a_batch_killed_midway_and_rerun_screens_every_case_exactly_once(tiny_mo
     assert {i for i, r in rows.items() if r["status"] == "screened"} == {f"c{s}" for s in range(n)} - done_before
     assert all((out / i / "results.json").is_file() for i in rows)
     assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX)]
+
+
+def test_torchrun_two_ranks_merge_into_the_one_process_results(tiny_model, tmp_path):
+    """Real torchrun (gloo, 2 CPU processes): each rank screens its share, rank 0 merges the summaries."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "cohort"
+    for seed in range(5):  # an uneven split: 3 cases on rank 0, 2 on rank 1
+        write_volume(synthetic_ct(seed=seed, shape_kji=(30, 48, 48)), src / f"c{seed}.nii.gz")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _batch(src, one, tiny_model, "--findings", "Lung nodule;Emphysema") == 0
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "medalign.cli", "batch", str(src), "--out", str(two), "--model", tiny_model, "--no-maps",
+            "--findings", "Lung nodule;Emphysema", "--device", "cpu"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 screened, 0 skipped (already done), 0 failed" in proc.stdout
+    assert (two / "summary.csv").read_bytes() == (one / "summary.csv").read_bytes()
+    assert not list(two.glob("summary.rank*"))
+    assert _results(two) == _results(one)

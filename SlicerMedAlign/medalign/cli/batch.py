@@ -7,7 +7,7 @@ command line and the torchrun environment and prints the counts.
 from __future__ import annotations
 
 import argparse
-import os
+from datetime import timedelta
 from pathlib import Path
 
 from medalign.cli.options import FINDINGS_HELP, add_device_argument
@@ -34,25 +34,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _torchrun_device(device: str, world: int) -> str:
-    """Under torchrun each rank takes its own GPU (LOCAL_RANK)."""
-    if world > 1 and device in ("auto", "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            return "cuda"  # resolve_device("cuda") now means this rank's GPU
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
-    from medalign.inference.cohort import screen_cohort
+    """Under torchrun (WORLD_SIZE > 1) every rank screens its share (rank::world), then waits
+    for the others; rank 0 merges the shares' summaries into the one summary.csv."""
+    from medalign.core.device import resolve_device
+    from medalign.core.distributed import barrier, finish_distributed, setup_distributed
+    from medalign.inference.cohort import merge_summaries, screen_cohort
 
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    summary = screen_cohort(
-        args.source, args.out, model=args.model, findings=args.findings,
-        device=_torchrun_device(args.device, world), precision=args.precision,
-        with_maps=not args.no_maps, rank=rank, world=world, workers=args.workers,
-    )
+    # a rank whose share was done earlier waits at the barrier for the others' hours of work
+    world, rank, device = setup_distributed(resolve_device(args.device), timeout=timedelta(days=7))
+    try:
+        summary = screen_cohort(
+            args.source, args.out, model=args.model, findings=args.findings,
+            device=str(device), precision=args.precision,
+            with_maps=not args.no_maps, rank=rank, world=world, workers=args.workers,
+        )
+        barrier(world)
+        if rank != 0:
+            return 0 if summary.count("failed") == 0 else 2
+        if world > 1:
+            summary = merge_summaries(args.source, args.out, world)
+    finally:
+        finish_distributed()
     print(f"{summary.line()}; summary: {summary.path}")
     return 0 if summary.count("failed") == 0 else 2

@@ -145,9 +145,9 @@ def screen_cohort(
     if workers < 0:
         raise InputError(f"The number of workers must be 0 or more, not {workers}.")
     cases = list_cases(source)
-    summary_name = "summary.csv" if world == 1 else f"summary.rank{rank}.csv"
+    summary_name = "summary.csv" if world == 1 else rank_summary_name(rank)
     folders = unique_names([c.case_id for c in cases], case_folder_name,
-                           reserved=["summary", "summary.csv", *(f"summary.rank{r}.csv" for r in range(world))])
+                           reserved=["summary", "summary.csv", *(rank_summary_name(r) for r in range(world))])
     lock = LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}"
     with claim(out, lock, clean=world == 1) as out:
         screener = Screener(model=model, findings=findings, device=device, precision=precision)
@@ -218,6 +218,25 @@ def _screen_case(screener, loaded, out: Path, folder_name: str, settings: dict[s
         raise
     except Exception as exc:  # noqa: BLE001 -- one case's unexpected fault must not end hours of work
         return row | {"status": "failed", "error": error_sentence(exc)}
+
+
+def rank_summary_name(rank: int) -> str:
+    return f"summary.rank{rank}.csv"
+
+
+def merge_summaries(source: str | Path, out: str | Path, world: int) -> CohortSummary:
+    """Rank 0, after every rank is done: the ranks' summaries as one ``summary.csv`` in
+    cohort order (the rank files are removed once it is written)."""
+    out = Path(out)
+    rows: dict[str, dict[str, Any]] = {}
+    for rank in range(world):
+        with (out / rank_summary_name(rank)).open(encoding="utf-8", newline="") as fh:
+            rows.update((r["id"], r) for r in csv.DictReader(fh))
+    ordered = [rows[c.case_id] for c in list_cases(source) if c.case_id in rows]
+    summary = CohortSummary(ordered, _write_summary(out / "summary.csv", ordered))
+    for rank in range(world):
+        (out / rank_summary_name(rank)).unlink(missing_ok=True)
+    return summary
 
 
 def _top(data: dict[str, Any]) -> dict[str, Any]:

@@ -82,13 +82,12 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     # fills everything outside the input with 0, fills it with exactly pad_hu.
     data.sub_(pad_hu)
     # max/min channels come from the unfiltered HU (a running max must see the true peaks);
-    # "mean" channels are channel 0 again, under another HU window
-    extremes = {c: _running_extreme(data, volume, profile, kind)
-                for c, (kind, _, _) in enumerate(profile.channels) if kind != "mean"}
+    # "mean" channels are channel 0 again, under another HU window: resampled once, as channel 0
+    extremes = [_running_extreme(data, volume, profile, kind) for kind, _, _ in profile.channels if kind != "mean"]
     if profile.antialias:
         data = _antialias(data, volume, profile)
-    if profile.channels:
-        data = torch.cat([data, *[extremes.get(c, data) for c in range(len(profile.channels))]])
+    if extremes:
+        data = torch.cat([data, *extremes])
         del extremes
     image = MetaTensor(data, affine=torch.as_tensor(volume.ijk_to_ras, dtype=torch.float64))
     del data
@@ -103,6 +102,8 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     image, _ = apply_pending(
         image, overrides={"mode": "bilinear", "padding_mode": "zeros", "dtype": torch.float32, "align_corners": False}
     )
+    grid_to_ras = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64).copy()
+    image = _channels_of(image.as_tensor(), profile) if profile.channels else image
     image.add_(pad_hu)
     b0, b1 = profile.out_range
     windows = [profile.hu_window, *[(lo, hi) for _, lo, hi in profile.channels]]
@@ -111,11 +112,20 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     if profile.mean is not None:
         image[0] = NormalizeIntensity(subtrahend=profile.mean, divisor=profile.std or 1.0, dtype=torch.float32)(image[0])
 
-    grid_to_ras = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64).copy()
-    tensor = image.as_tensor().to(torch.float32)[None].contiguous()
+    tensor = torch.as_tensor(image).to(torch.float32)[None].contiguous()
     return PreparedImage(
         tensor=tensor, grid_to_ras=grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk)
     )
+
+
+def _channels_of(resampled: torch.Tensor, profile: PreprocessProfile) -> torch.Tensor:
+    """Every model channel from the resampled distinct ones (HU, then each max/min in order):
+    a "mean" channel is a copy of the HU channel, windowed later."""
+    index, extreme = [0], 0
+    for kind, _, _ in profile.channels:
+        extreme += kind != "mean"
+        index.append(extreme if kind != "mean" else 0)
+    return resampled.index_select(0, torch.as_tensor(index, device=resampled.device))
 
 
 def _footprint(volume: Volume, profile: PreprocessProfile) -> list[float]:

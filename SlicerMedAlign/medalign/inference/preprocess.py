@@ -103,7 +103,8 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
         image, overrides={"mode": "bilinear", "padding_mode": "zeros", "dtype": torch.float32, "align_corners": False}
     )
     grid_to_ras = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64).copy()
-    image = _channels_of(image.as_tensor(), profile) if profile.channels else image
+    image = image.as_tensor()  # the affine is read: a plain tensor from here on
+    image = _channels_of(image, profile) if profile.channels else image
     image.add_(pad_hu)
     b0, b1 = profile.out_range
     windows = [profile.hu_window, *[(lo, hi) for _, lo, hi in profile.channels]]
@@ -112,7 +113,7 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     if profile.mean is not None:
         image[0] = NormalizeIntensity(subtrahend=profile.mean, divisor=profile.std or 1.0, dtype=torch.float32)(image[0])
 
-    tensor = torch.as_tensor(image).to(torch.float32)[None].contiguous()
+    tensor = image.to(torch.float32)[None].contiguous()
     return PreparedImage(
         tensor=tensor, grid_to_ras=grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk)
     )

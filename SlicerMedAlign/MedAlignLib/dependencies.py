@@ -42,6 +42,7 @@ REQUIREMENTS: dict[str, str] = {
     "scipy": "scipy>=1.10",
     "filelock": "filelock>=3.12",
     "psutil": "psutil>=5.9",  # Cancel ends the child's whole process tree
+    "xxhash": "xxhash>=3",  # the in-memory feature cache keys volumes by content (inference/feature_cache.py)
 }
 # import name -> distribution of the pyproject dependencies the Slicer installer leaves
 # out: only the offline layers (evaluation, training, synth, data) import them, which a

@@ -8,6 +8,7 @@ import json
 from helpers import synthetic_ct
 
 from medalign.cli import main
+from medalign.core.atomic import TMP_PREFIX
 from medalign.core.volume_io import write_volume
 
 
@@ -106,3 +107,98 @@ def test_folder_ids_keep_uid_dots_and_cut_only_volume_suffixes(tmp_path):
         (tmp_path / name).write_bytes(b"")
     ids = [c.case_id for c in list_cases(tmp_path)]
     assert ids == ["1.2.826.0.1.3680043", "1.2.826.0.1.3680044", "a.b", "c", "d"]
+
+
+def _results(out):
+    """Every case's results.json without its timing, and its map files' bytes."""
+    found = {}
+    for path in sorted(out.glob("*/results.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.pop("elapsed_s")
+        maps = {p.name: p.read_bytes() for p in sorted((path.parent / "maps").glob("*"))}
+        found[path.parent.name] = (data, maps)
+    return found
+
+
+def test_workers_give_the_same_results_and_record_a_corrupt_file(tiny_model, tmp_path):
+    """Two loader processes read and prepare ahead; a corrupt file among good ones is one failed row."""
+    src = tmp_path / "cohort"
+    for seed in range(3):
+        write_volume(synthetic_ct(seed=seed, blob_ras=(20.0, 30.0, -10.0)), src / f"c{seed}.nii.gz")
+    (src / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    outs = {}
+    for workers in ("0", "2"):
+        outs[workers] = tmp_path / f"out{workers}"
+        argv = ["batch", str(src), "--out", str(outs[workers]), "--model", tiny_model,
+                "--findings", "Lung nodule;Emphysema", "--workers", workers]
+        assert main(argv) == 2  # one case failed
+        rows = _summary(outs[workers])
+        assert list(rows) == ["broken", "c0", "c1", "c2"]
+        assert rows["broken"]["status"] == "failed" and rows["broken"]["error"]
+        assert all(rows[c]["status"] == "screened" for c in ("c0", "c1", "c2"))
+    assert _summary(outs["0"]) == _summary(outs["2"])
+    with_workers, without = _results(outs["2"]), _results(outs["0"])
+    assert list(with_workers) == ["c0", "c1", "c2"] and with_workers == without
+
+
+def test_negative_workers_are_one_sentence(tiny_model, tmp_path, capsys):
+    src = tmp_path / "cohort"
+    write_volume(synthetic_ct(), src / "a.nii.gz")
+    assert _batch(src, tmp_path / "out", tiny_model, "--workers", "-1") == 2
+    assert capsys.readouterr().err.strip().startswith("medalign: error: The number of workers")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_batch_killed_midway_and_rerun_screens_every_case_exactly_once(tiny_model, tmp_path):
+    """SIGKILL of the whole batch (main process and loader workers) while it works, then a rerun."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = tmp_path / "cohort"
+    n = 8
+    for seed in range(n):
+        write_volume(synthetic_ct(seed=seed), src / f"c{seed}.nii.gz")
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "medalign.cli", "batch", str(src), "--out", str(out), "--model", tiny_model,
+            "--findings", "Lung nodule", "--workers", "1", "--no-maps"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("*/results.json")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.parent.name for p in out.glob("*/results.json")}
+    assert 0 < len(done_before) < n, proc.stderr.read().decode(errors="replace")[-2000:]
+    assert not (out / "summary.csv").exists()
+
+    assert _batch(src, out, tiny_model, "--findings", "Lung nodule", "--workers", "1") == 0
+    rows = _summary(out)
+    assert sorted(rows) == sorted(f"c{s}" for s in range(n))
+    assert {i for i, r in rows.items() if r["status"] == "skipped"} == done_before
+    assert {i for i, r in rows.items() if r["status"] == "screened"} == {f"c{s}" for s in range(n)} - done_before
+    assert all((out / i / "results.json").is_file() for i in rows)
+    assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX)]
+
+
+def test_torchrun_two_ranks_merge_into_the_one_process_results(tiny_model, tmp_path):
+    """Real torchrun (gloo, 2 CPU processes): each rank screens its share, rank 0 merges the summaries."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "cohort"
+    for seed in range(5):  # an uneven split: 3 cases on rank 0, 2 on rank 1
+        write_volume(synthetic_ct(seed=seed, shape_kji=(30, 48, 48)), src / f"c{seed}.nii.gz")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _batch(src, one, tiny_model, "--findings", "Lung nodule;Emphysema") == 0
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "medalign.cli", "batch", str(src), "--out", str(two), "--model", tiny_model, "--no-maps",
+            "--findings", "Lung nodule;Emphysema", "--device", "cpu"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 screened, 0 skipped (already done), 0 failed" in proc.stdout
+    assert (two / "summary.csv").read_bytes() == (one / "summary.csv").read_bytes()
+    assert not list(two.glob("summary.rank*"))
+    assert _results(two) == _results(one)

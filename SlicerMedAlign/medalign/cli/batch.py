@@ -7,7 +7,7 @@ command line and the torchrun environment and prints the counts.
 from __future__ import annotations
 
 import argparse
-import os
+from datetime import timedelta
 from pathlib import Path
 
 from medalign.cli.options import FINDINGS_HELP, add_adapter_argument, add_device_argument
@@ -29,28 +29,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bf16", "fp16"])
     p.add_argument("--no-maps", action="store_true", help="skip the alignment maps (faster)")
     add_adapter_argument(p)
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="data-loader processes that read (on a CPU also preprocess) the next CTs while the model "
+                   "screens the current one (default 0: one after the other in this process)")
     p.set_defaults(func=run)
 
 
-def _torchrun_device(device: str, world: int) -> str:
-    """Under torchrun each rank takes its own GPU (LOCAL_RANK)."""
-    if world > 1 and device in ("auto", "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            return "cuda"  # resolve_device("cuda") now means this rank's GPU
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
-    from medalign.inference.cohort import screen_cohort
+    """Under torchrun (WORLD_SIZE > 1) every rank screens its share (rank::world), then waits
+    for the others; rank 0 merges the shares' summaries into the one summary.csv."""
+    from medalign.core.device import resolve_device
+    from medalign.core.distributed import barrier, finish_distributed, setup_distributed
+    from medalign.inference.cohort import merge_summaries, screen_cohort
 
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    summary = screen_cohort(
-        args.source, args.out, model=args.model, findings=args.findings,
-        device=_torchrun_device(args.device, world), precision=args.precision,
-        with_maps=not args.no_maps, rank=rank, world=world, adapter=args.adapter,
-    )
+    # a rank whose share was done earlier waits at the barrier for the others' hours of work
+    world, rank, device = setup_distributed(resolve_device(args.device), timeout=timedelta(days=7))
+    try:
+        summary = screen_cohort(
+            args.source, args.out, model=args.model, findings=args.findings,
+            device=str(device), precision=args.precision,
+            with_maps=not args.no_maps, rank=rank, world=world, workers=args.workers, adapter=args.adapter,
+        )
+        barrier(world)
+        if rank != 0:
+            return 0 if summary.count("failed") == 0 else 2
+        if world > 1:
+            summary = merge_summaries(args.source, args.out, world)
+    finally:
+        finish_distributed()
     print(f"{summary.line()}; summary: {summary.path}")
     return 0 if summary.count("failed") == 0 else 2

@@ -137,65 +137,113 @@ def screen_cohort(
     world: int = 1,
     progress: bool = True,
     adapter: str | Path | None = None,
+    workers: int = 0,
 ) -> CohortSummary:
     """Screen this process's share (``rank`` of ``world``) of a cohort into ``out``/<case>/
-    and write ``summary.csv`` (``summary.rank<r>.csv`` under torchrun)."""
+    and write ``summary.csv`` (``summary.rank<r>.csv`` under torchrun).
+
+    ``workers`` > 0: that many data-loader processes read (and, on a CPU, prepare) the next
+    cases while this process screens (``cohort_loader``); the results are the same.
+    """
     from medalign.core.output_folder import LOCK_NAME, case_folder_name, claim, unique_names
+    from medalign.inference.cohort_loader import loaded_cases
     from medalign.inference.screener import Screener
 
+    if workers < 0:
+        raise InputError(f"The number of workers must be 0 or more, not {workers}.")
     cases = list_cases(source)
-    summary_name = "summary.csv" if world == 1 else f"summary.rank{rank}.csv"
+    summary_name = "summary.csv" if world == 1 else rank_summary_name(rank)
     folders = unique_names([c.case_id for c in cases], case_folder_name,
-                           reserved=["summary", "summary.csv", *(f"summary.rank{r}.csv" for r in range(world))])
+                           reserved=["summary", "summary.csv", *(rank_summary_name(r) for r in range(world))])
     lock = LOCK_NAME if world == 1 else f"{LOCK_NAME}.rank{rank}"
     with claim(out, lock, clean=world == 1) as out:
         screener = Screener(model=model, findings=findings, device=device, precision=precision, adapter=adapter)
         settings = run_settings(screener.model_name, screener.findings, with_maps, adapter)
-        summary = CohortSummary()
-        for case in _progress(cases[rank::world], summary, rank, world, progress):
-            summary.rows.append(_screen_case(screener, case, out, folders[case.case_id], settings))
+        share = cases[rank::world]
+        rows = {c.case_id: _skipped(c, out, folders[c.case_id], settings) for c in share}
+        todo = [c for c in share if rows[c.case_id] is None]
+        summary = CohortSummary([r for r in rows.values() if r is not None])
+        # a GPU model prepares faster on its own device: there the workers only read
+        profile = screener.model.profile if screener.device.type == "cpu" else None
+        for loaded in _progress(loaded_cases(todo, profile, workers), len(todo), summary, rank, world, progress):
+            rows[loaded.case.case_id] = _screen_case(screener, loaded, out, folders[loaded.case.case_id], settings)
+            summary.rows.append(rows[loaded.case.case_id])
+        summary.rows = [rows[c.case_id] for c in share]  # cohort order
         summary.path = _write_summary(out / summary_name, summary.rows)
     return summary
 
 
-def _progress(cases: list[CohortCase], summary: CohortSummary, rank: int, world: int, enabled: bool):
-    """The cases, under a bar with rate, ETA and the running counts."""
+def _progress(items, total: int, summary: CohortSummary, rank: int, world: int, enabled: bool):
+    """The items, under a bar with rate, ETA and the running counts (skipped cases are not in the total)."""
     import sys
 
     from tqdm import tqdm
 
-    bar = tqdm(cases, desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="ct", file=sys.stderr,
-               disable=not enabled, dynamic_ncols=True,
+    bar = tqdm(items, total=total, desc=f"batch (rank {rank}/{world})" if world > 1 else "batch", unit="ct",
+               file=sys.stderr, disable=not enabled, dynamic_ncols=True,
                bar_format="{desc}: {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-    for case in bar:
-        yield case
+    bar.set_postfix_str(summary.line(), refresh=False)
+    for item in bar:
+        yield item
         bar.set_postfix_str(summary.line(), refresh=False)
 
 
-def _screen_case(screener, case: CohortCase, out: Path, folder_name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """One case, never raising for the case's own faults: the row says what happened."""
+def _row(case: CohortCase, folder_name: str) -> dict[str, Any]:
+    return {"id": case.case_id, "path": str(case.path), "folder": folder_name}
+
+
+def _skipped(case: CohortCase, out: Path, folder_name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary row of a case done earlier with the same settings, else None (to screen)."""
+    from medalign.core.output_folder import inside
+
+    try:
+        earlier = done_earlier(inside(out, folder_name), case, settings)
+    except MedAlignError:  # the screening records it
+        return None
+    return None if earlier is None else _row(case, folder_name) | {"status": "skipped"} | _top(earlier)
+
+
+def _screen_case(screener, loaded, out: Path, folder_name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """One loaded case, never raising for the case's own faults: the row says what happened."""
     from medalign.core.atomic import remove_stale
     from medalign.core.output_folder import inside
-    from medalign.core.volume_io import read_volume
+    from medalign.inference.cohort_loader import error_sentence
 
-    row: dict[str, Any] = {"id": case.case_id, "path": str(case.path), "folder": folder_name}
+    case = loaded.case
+    row = _row(case, folder_name)
+    if loaded.error is not None:
+        return row | {"status": "failed", "error": loaded.error}
     try:
         folder = inside(out, folder_name)
-        earlier = done_earlier(folder, case, settings)
-        if earlier is not None:
-            return row | {"status": "skipped"} | _top(earlier)
         remove_stale(folder)  # what a killed run left (we hold the lock)
-        result = screener(read_volume(case.path), with_maps=settings["maps"])
+        result = screener(loaded.volume, with_maps=settings["maps"], prepared=loaded.prepared)
         result.input.update(path=str(case.path), case_id=case.case_id)
         result.settings = settings
         result.write(folder)
         return row | {"status": "screened"} | _top(result.to_dict())
     except (CancelledError, KeyboardInterrupt):
         raise
-    except MedAlignError as exc:
-        return row | {"status": "failed", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 -- one case's unexpected fault must not end hours of work
-        return row | {"status": "failed", "error": " ".join(f"{type(exc).__name__}: {exc}".split())}
+        return row | {"status": "failed", "error": error_sentence(exc)}
+
+
+def rank_summary_name(rank: int) -> str:
+    return f"summary.rank{rank}.csv"
+
+
+def merge_summaries(source: str | Path, out: str | Path, world: int) -> CohortSummary:
+    """Rank 0, after every rank is done: the ranks' summaries as one ``summary.csv`` in
+    cohort order (the rank files are removed once it is written)."""
+    out = Path(out)
+    rows: dict[str, dict[str, Any]] = {}
+    for rank in range(world):
+        with (out / rank_summary_name(rank)).open(encoding="utf-8", newline="") as fh:
+            rows.update((r["id"], r) for r in csv.DictReader(fh))
+    ordered = [rows[c.case_id] for c in list_cases(source) if c.case_id in rows]
+    summary = CohortSummary(ordered, _write_summary(out / "summary.csv", ordered))
+    for rank in range(world):
+        (out / rank_summary_name(rank)).unlink(missing_ok=True)
+    return summary
 
 
 def _top(data: dict[str, Any]) -> dict[str, Any]:

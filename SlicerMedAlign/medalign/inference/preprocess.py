@@ -85,13 +85,12 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     # fills everything outside the input with 0, fills it with exactly pad_hu.
     data.sub_(pad_hu)
     # max/min channels come from the unfiltered HU (a running max must see the true peaks);
-    # "mean" channels are channel 0 again, under another HU window
-    extremes = {c: _running_extreme(data, volume, profile, kind)
-                for c, (kind, _, _) in enumerate(profile.channels) if kind != "mean"}
+    # "mean" channels are channel 0 again, under another HU window: resampled once, as channel 0
+    extremes = [_running_extreme(data, volume, profile, kind) for kind, _, _ in profile.channels if kind != "mean"]
     if profile.antialias:
         data = _antialias(data, volume, profile)
-    if profile.channels:
-        data = torch.cat([data, *[extremes.get(c, data) for c in range(len(profile.channels))]])
+    if extremes:
+        data = torch.cat([data, *extremes])
         del extremes
     image = MetaTensor(data, affine=torch.as_tensor(volume.ijk_to_ras, dtype=torch.float64))
     del data
@@ -110,6 +109,9 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     )
     if profile.pad_after_resample:  # constant 0 here is pad_hu: the data is relative to it
         image = ResizeWithPadOrCrop(spatial_size=profile.size, method="symmetric")(image)
+    grid_to_ras = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64).copy()
+    image = image.as_tensor()  # the affine is read: a plain tensor from here on
+    image = _channels_of(image, profile) if profile.channels else image
     image.add_(pad_hu)
     b0, b1 = profile.out_range
     windows = [profile.hu_window, *[(lo, hi) for _, lo, hi in profile.channels]]
@@ -118,8 +120,7 @@ def prepare(volume: Volume, profile: PreprocessProfile, device: str | torch.devi
     if profile.mean is not None:
         image[0] = NormalizeIntensity(subtrahend=profile.mean, divisor=profile.std or 1.0, dtype=torch.float32)(image[0])
 
-    grid_to_ras = np.asarray(image.affine.detach().cpu().numpy(), dtype=np.float64).copy()
-    tensor = image.as_tensor().to(torch.float32)[None].contiguous()
+    tensor = image.to(torch.float32)[None].contiguous()
     return PreparedImage(
         tensor=tensor, grid_to_ras=grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk)
     )
@@ -145,6 +146,16 @@ def _prepare_centred(source: torch.Tensor, volume: Volume, profile: PreprocessPr
     return PreparedImage(tensor=tensor, grid_to_ras=grid.grid_to_ras, profile=profile, source_shape_ijk=tuple(volume.shape_ijk))
 
 
+def _channels_of(resampled: torch.Tensor, profile: PreprocessProfile) -> torch.Tensor:
+    """Every model channel from the resampled distinct ones (HU, then each max/min in order):
+    a "mean" channel is a copy of the HU channel, windowed later."""
+    index, extreme = [0], 0
+    for kind, _, _ in profile.channels:
+        extreme += kind != "mean"
+        index.append(extreme if kind != "mean" else 0)
+    return resampled.index_select(0, torch.as_tensor(index, device=resampled.device))
+
+
 def _footprint(volume: Volume, profile: PreprocessProfile) -> list[float]:
     """Per source axis: how many source voxels one target voxel spans."""
     direction = volume.ijk_to_ras[:3, :3] / np.asarray(volume.spacing)
@@ -163,13 +174,25 @@ def _running_extreme(data: torch.Tensor, volume: Volume, profile: PreprocessProf
     out = data if kind == "max" else -data
     for axis, ratio in enumerate(_footprint(volume, profile)):
         width = 2 * int(ratio // 2) + 1  # odd, so the window is centred on its voxel
-        if width < 3:
-            continue
-        kernel = [1, 1, 1]
-        kernel[axis] = width
-        pad = [k // 2 for k in kernel]
-        out = F.max_pool3d(out[None], kernel_size=kernel, stride=1, padding=pad)[0]
-    return out.clone() if out is data else (out if kind == "max" else -out)
+        if width >= 3:
+            out = _window_max(out, axis + 1, width // 2)
+    return out.clone() if out is data else (out if kind == "max" else out.neg_())
+
+
+def _window_max(x: torch.Tensor, dim: int, radius: int) -> torch.Tensor:
+    """max over ``x[i - radius : i + radius + 1]`` along ``dim``, the window clipped at the ends.
+
+    Equal to ``max_pool3d`` with stride 1 and implicit -inf padding, but as ``2 * radius``
+    in-place maxima of shifted views: 8-10x faster on a CPU (max_pool3d took 10 s per axis
+    on a 512x512x300 CT).
+    """
+    out = x.clone()
+    n = x.shape[dim]
+    for s in range(1, min(radius, n - 1) + 1):
+        head, tail = out.narrow(dim, 0, n - s), out.narrow(dim, s, n - s)
+        torch.maximum(head, x.narrow(dim, s, n - s), out=head)
+        torch.maximum(tail, x.narrow(dim, 0, n - s), out=tail)
+    return out
 
 
 def _antialias(data: torch.Tensor, volume: Volume, profile: PreprocessProfile) -> torch.Tensor:

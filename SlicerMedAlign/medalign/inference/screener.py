@@ -26,6 +26,7 @@ from medalign.inference.adapter import (
     read_adapter,
 )
 from medalign.inference.hotspot import hotspot_of
+from medalign.inference.preprocess import PreparedImage
 from medalign.inference.results import FindingResult, ScreeningResult, is_near_chance
 from medalign.inference.text_cache import cached_text_latents, model_identity, text_cache_enabled
 from medalign.inference.uncertainty import predictive_std, shifted_views
@@ -191,9 +192,10 @@ class Screener:
         cancel: CancelFn | None = None,
         with_maps: bool = True,
         check: bool = True,
+        prepared: PreparedImage | None = None,
     ) -> ScreeningResult:
+        """``prepared``: ``volume`` already prepared with this model's profile (a cohort's loader did it)."""
         from medalign.core.device import run_with_fallback
-        from medalign.inference.coverage import coverage_warnings
         from medalign.inference.input_checks import check_ct
 
         report = progress or (lambda f, m: None)
@@ -208,8 +210,10 @@ class Screener:
         if check:
             check_ct(volume)
         step(0.1, "preprocessing")
-        feats, views, prepared, device = run_with_fallback(lambda d: self._encode(volume, d), self.device)
-        warnings = coverage_warnings(prepared) if check else []
+        encoded, device = run_with_fallback(lambda d: self._encode(volume, d, prepared), self.device)
+        feats, prepared = encoded.features, encoded.prepared
+        warnings = list(encoded.coverage) if check else []
+        views = self._views(feats, prepared, device)
         step(0.5, "scoring findings")
         findings = self._score(feats, views, prepared, volume, device, step, with_maps)
         step(1.0, "done")
@@ -224,19 +228,35 @@ class Screener:
             warnings=warnings,
         )
 
-    def _encode(self, volume: Volume, device: torch.device):
-        from medalign.core.device import autocast
-        from medalign.inference.preprocess import prepare
+    def _encode(self, volume: Volume, device: torch.device, prepared: PreparedImage | None = None):
+        """The image side, once per (voxels, model, device, precision): a second call is a cache hit."""
+        from medalign.inference.feature_cache import encoded_image
 
         if device != self.device:  # fell back (GPU out of memory): move model and prompts once
             self.model = _move_model(self.model, device)
             self.device = device
             for p in self.prompts:
                 p.positive, p.negative, p.ensemble = (t.to(device) for t in (p.positive, p.negative, p.ensemble))
-        prepared = prepare(volume, self.model.profile, device=device)
+        encode = lambda: self._encode_now(volume, device, prepared)  # noqa: E731
+        return encoded_image(volume, self.model, device, self.precision, encode), device
+
+    def _encode_now(self, volume: Volume, device: torch.device, prepared: PreparedImage | None):
+        from medalign.core.device import autocast
+        from medalign.inference.preprocess import prepare
+
+        if prepared is None or prepared.profile != self.model.profile:
+            prepared = prepare(volume, self.model.profile, device=device)
+        prepared.tensor = prepared.tensor.to(device)
         with autocast(device, self.precision):
             feats = self.model.image_features(self.model.input_from_grid(prepared.tensor))
         feats.global_latent, feats.tokens = feats.global_latent.float(), feats.tokens.float()
+        return feats, prepared
+
+    def _views(self, feats, prepared: PreparedImage, device: torch.device) -> list:
+        """Member scores of the encoding and of ``tta`` shifted views (never cached: the
+        views exist only for the uncertainty, and ``tta=0`` costs nothing)."""
+        from medalign.core.device import autocast
+
         views = [self._member_scores(feats)]
         for view in shifted_views(prepared.tensor, self.tta, self.model.profile.spacing):
             with autocast(device, self.precision):
@@ -244,7 +264,7 @@ class Screener:
             view_feats.global_latent, view_feats.tokens = view_feats.global_latent.float(), view_feats.tokens.float()
             views.append(self._member_scores(view_feats))
             del view_feats  # one view's tokens at a time
-        return feats, views, prepared, device
+        return views
 
     def _member_scores(self, feats) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per finding, for one encoding: the ensembled prompts' logit pair (2,) and every

@@ -20,6 +20,16 @@ equal-width bins), macro NLL, and the AUROC for telling wrong from right predict
 probability), ``uncertainty_std`` (the members' std) and the entropy of the reported
 probability alone. Not a test: ``python Testing/benchmarks/calibration_shift.py
 [--n-cal 120] [--n-test 120] [--tta 0] [--cal-dir D] [--test-dir D] [--json out.json]``.
+
+Measured (120 + 120 phantoms, tta=0, two shared CPU cores, 25 min):
+
+    step                    macro AUC  ECE macro  pooled  NLL    unc AUROC pooled/macro (entropy | std)
+    shipped (T = 1, b = 0)  0.794      0.075      0.036   0.370  0.780/0.724 | 0.723/0.688
+    temperature only        0.794      0.067      0.032   0.365  -
+    Platt scaling (MAP)     0.794      0.061      0.019   0.361  0.780/0.725 | 0.679/0.690
+
+ECE of perfectly calibrated probabilities on these 120 test cases (labels redrawn from
+the Platt probabilities, 200 draws): macro 0.048 (95 % quantile 0.055), pooled 0.016.
 """
 
 from __future__ import annotations
@@ -113,14 +123,13 @@ def main() -> int:
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cal = _phantoms(args.cal_dir, Path(tmp), args.n_cal, 101, args)
-        test = _phantoms(args.test_dir, Path(tmp), args.n_test, 202, args)
-        print(f"phantoms ({args.shift}) ready, {time.perf_counter() - start:.0f} s", flush=True)
         screener = Screener(model="medalign-demo", device="cpu", tta=args.tta)
         shipped = screener.model.calibration
+        cal_scores = score_cohort(_phantoms(args.cal_dir, Path(tmp), args.n_cal, 101, args), screener, progress=False)
+        test = _phantoms(args.test_dir, Path(tmp), args.n_test, 202, args)
+        print(f"phantoms ({args.shift}) ready, calibration set scored, {time.perf_counter() - start:.0f} s", flush=True)
         test_before = score_cohort(test, screener, progress=False)
         before = _of_cohort(test_before, {}, "shipped (T = 1, b = 0)")
-        cal_scores = score_cohort(cal, screener, progress=False)
         fitted, report = fitted_calibration(cal_scores, shipped, "benchmark")
         known = cal_scores.labels >= 0
         temps = {n: (_temperature_only(cal_scores.labels[known[:, j], j], cal_scores.scores[known[:, j], j]), 0.0)

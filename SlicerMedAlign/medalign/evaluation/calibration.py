@@ -5,8 +5,10 @@ predictions, and the reliability diagram.
 Platt scaling rescales and shifts each finding's present-minus-absent score,
 p = sigmoid(score / T + b). T > 0 stretches or squeezes an over- or under-confident score;
 the bias b moves the base rate, which a domain shift (another scanner, another contrast
-phase) offsets and which no temperature can undo (temperature alone left the shifted
-phantoms' ECE at 0.12). T > 0 keeps the ranking of the cases, hence the AUC.
+phase) offsets and which no temperature can undo. On 120 shifted test phantoms the macro
+ECE is 0.075 as shipped, 0.067 with temperature alone, 0.061 with Platt scaling (pooled
+0.036, 0.032, 0.019), where perfectly calibrated probabilities would still score 0.048
+(pooled 0.016): ECE's noise floor at 120 cases. T > 0 keeps the ranking, hence the AUC.
 
 (log T, b) is fitted **per finding**, because the findings' score scales differ by a
 factor of several, as the maximum a-posteriori estimate: the summed NLL plus a weak
@@ -14,9 +16,13 @@ Gaussian prior centred on the model as shipped (log T = 0, b = 0) with standard 
 ``PRIOR_SD_LOG_T`` and ``PRIOR_SD_BIAS``. Without it a finding the calibration set happens
 to separate perfectly drives T to its bound (T = 0.01 on 30 cases: certainty no test set
 bears out); the prior costs as much as about one case's worth of evidence, so a hundred
-cases overrule it wherever they disagree. T stays within ``T_BOUNDS`` regardless. A
-finding with fewer than ``MIN_PER_CLASS`` positives or negatives would still overfit its
-own pair and gets the one pair fitted on all such findings pooled ((1, 0) if none).
+cases overrule it wherever they disagree. Measured on the shifted phantoms
+(``Testing/benchmarks/calibration_shift.py``): fitted on 30 calibration cases (20 draws),
+the prior halves the test NLL (0.38 against 0.81 without it, whose smallest T was 0.01);
+on 120 cases the prior's width no longer matters (test macro ECE 0.059-0.062 for SDs from
+(0.5, 1) to none). T stays within ``T_BOUNDS`` regardless. A finding with fewer than
+``MIN_PER_CLASS`` positives or negatives would still overfit its own pair and gets the one
+pair fitted on all such findings pooled ((1, 0) if none).
 """
 
 from __future__ import annotations

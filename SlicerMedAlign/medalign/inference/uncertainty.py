@@ -16,7 +16,10 @@ scaling, so they are on the same calibrated scale as the reported probability.
 ``uncertainty`` is the total predictive uncertainty, the binary entropy (bits, 0 to 1) of
 the members' mean probability: it grows both with the spread between members and with
 the mean's closeness to 0.5, the two ways a verdict can be a toss-up; the members' standard
-deviation is kept beside it as ``uncertainty_std``. MEASURED_SEPARATION ``tta=0`` (the
+deviation is kept beside it as ``uncertainty_std``. Why the entropy: on 120 shifted test
+phantoms (``Testing/benchmarks/calibration_shift.py``, noise + venous contrast, Platt
+scaling fitted on 120 others, tta=0) it tells wrong from right predictions with AUROC
+0.780 pooled / 0.725 macro over findings, the std with 0.679 / 0.690. ``tta=0`` (the
 default) encodes the image once, as before: the members are then the wordings only.
 """
 

@@ -195,7 +195,7 @@ class ScreeningLogic:
             table.AddColumn(columns[name])
         descriptions = {
             "probability": "Probability that the finding is present (softmax over present/absent prompts)",
-            "uncertainty": "Spread of the probability over prompt variants",
+            "uncertainty": "Entropy (bits, 0 sure to 1 coin toss) of the mean probability over prompt wordings and views",
             "flag": "Probability above the model's per-finding threshold; 'near chance': never flagged, see held-out AUC",
             "held-out AUC": f"The model's AUC for the finding on its held-out validation set; below {MIN_FLAG_AUC} it is never flagged",
             "extent_mm3": "Volume of the map's connected region around the hotspot",

@@ -14,7 +14,7 @@ from trame.widgets import vuetify3 as v3
 RESULT_COLUMNS = (  # (header, tooltip with the full name, test id)
     ("finding", "Finding", "finding"),
     ("p", "Probability of the finding", "probability"),
-    ("\u00b1", "Uncertainty of the probability", "uncertainty"),
+    ("H", "Uncertainty: entropy of the probability, 0 (sure) to 1 bit (coin toss)", "uncertainty"),
     ("flag", "Flag", "flag"),
     ("AUC", "Held-out AUC of the model for this finding", "auc"),
 )

@@ -1,4 +1,4 @@
-"""Calibration: temperature scaling fitted on labels, expected calibration error, the
+"""Calibration: Platt scaling (temperature and bias, MAP) fitted on labels, expected calibration error, the
 uncertainty's power to flag wrong predictions, ``medalign calibrate``, and test-time views."""
 
 from __future__ import annotations
@@ -16,44 +16,69 @@ from medalign.cli import main
 from medalign.core.errors import InputError
 from medalign.evaluation.calibrate import CohortScores, fitted_calibration
 from medalign.evaluation.calibration import (
+    T_BOUNDS,
+    Scaling,
     expected_calibration_error,
-    fit_temperature,
-    fit_temperatures,
+    fit_scaling,
+    fit_scalings,
     nll,
     reliability_bins,
     uncertainty_auroc,
 )
-from medalign.inference.uncertainty import TTA_SHIFT_MM, predictive_std, shifted_views
+from medalign.inference.results import FindingResult, ScreeningResult
+from medalign.inference.uncertainty import (
+    TTA_SHIFT_MM,
+    binary_entropy_bits,
+    predictive_entropy,
+    predictive_std,
+    shifted_views,
+)
 from medalign.models.calibration import Calibration, FindingCalibration
 
 
-def _overconfident(n: int = 4000, t_true: float = 4.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Labels drawn from sigmoid(z) but reported as scores t_true * z: sigmoid(score) is
-    far too sure of itself, and sigmoid(score / t_true) is exactly calibrated."""
+def _overconfident(n: int = 4000, t_true: float = 4.0, seed: int = 0, b_true: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels drawn from sigmoid(z + b_true) but reported as scores t_true * z: sigmoid(score)
+    is far too sure of itself and blind to the base rate, sigmoid(score / t_true + b_true)
+    is exactly calibrated."""
     rng = np.random.default_rng(seed)
     z = rng.normal(0.0, 1.5, n)
-    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-z))).astype(int)
+    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-(z + b_true)))).astype(int)
     return y, t_true * z
 
 
-def test_temperature_scaling_recovers_t_lowers_nll_and_ece_and_keeps_the_auc():
-    y, s = _overconfident()
-    t = fit_temperature(y, s)
-    assert t == pytest.approx(4.0, rel=0.1)
-    before, after = 1.0 / (1.0 + np.exp(-s)), 1.0 / (1.0 + np.exp(-s / t))
-    assert nll(y, s, t) < nll(y, s, 1.0) - 0.1
+def test_platt_scaling_recovers_t_and_b_lowers_nll_and_ece_and_keeps_the_auc():
+    y, s = _overconfident(b_true=-1.2)
+    t, b = fit_scaling(y, s)
+    assert t == pytest.approx(4.0, rel=0.1) and b == pytest.approx(-1.2, abs=0.15)
+    before, after = 1.0 / (1.0 + np.exp(-s)), 1.0 / (1.0 + np.exp(-(s / t + b)))
+    assert nll(y, s, t, b) < nll(y, s, 1.0) - 0.1
     assert expected_calibration_error(y, before) > 0.1 > 0.03 > expected_calibration_error(y, after)
     assert roc_auc_score(y, after) == roc_auc_score(y, before) == roc_auc_score(y, s)
+    # the base-rate offset is what a temperature alone cannot fix: the best T at b = 0 stays off
+    best_t_only = min(np.exp(np.linspace(-1, 3, 401)), key=lambda tt: nll(y, s, tt))
+    assert expected_calibration_error(y, 1.0 / (1.0 + np.exp(-s / best_t_only))) > 0.05
 
 
-def test_findings_with_few_cases_share_a_pooled_temperature():
-    y, s = _overconfident(400)
+def test_the_prior_keeps_a_separable_finding_sane():
+    """30 cases split perfectly by the score: maximum likelihood sends T to 0 (the first
+    round fitted T = 0.01, certainty no test set bears out); the prior holds it near the
+    score scale, and labels of one class still leave the model as shipped."""
+    y = np.r_[np.zeros(15), np.ones(15)]
+    s = np.r_[np.linspace(-3.0, -1.0, 15), np.linspace(1.0, 3.0, 15)]
+    t, b = fit_scaling(y, s)
+    assert 0.15 < t < 1.0 and T_BOUNDS[0] < t and abs(b) < 0.1
+    assert 1.0 / (1.0 + np.exp(-(1.0 / t + b))) < 0.99  # the weakest positive is not "certain"
+    assert fit_scaling(np.zeros(5), np.arange(5.0)) == Scaling(1.0, 0.0)  # one class cannot pin a scaling
+
+
+def test_findings_with_few_cases_share_a_pooled_scaling():
+    y, s = _overconfident(400, b_true=0.8)
     labels = np.stack([y, y, np.r_[np.ones(3, int), np.zeros(397, int)]], axis=1)
     labels[:10, 1] = -1  # unknown labels are skipped
-    temps = fit_temperatures(labels, np.stack([s, s / 2.0, s], axis=1), ["a", "b", "rare"])
-    assert temps["b"] == pytest.approx(temps["a"] / 2.0, rel=0.1)
-    assert temps["rare"] == pytest.approx(fit_temperature(labels[:, 2], s))  # pooled over the one rare finding
-    assert fit_temperature(np.zeros(5), np.arange(5.0)) == 1.0  # one class cannot pin a temperature
+    fits = fit_scalings(labels, np.stack([s, s / 2.0, s], axis=1), ["a", "b", "rare"])
+    assert fits["b"].temperature == pytest.approx(fits["a"].temperature / 2.0, rel=0.1)
+    assert fits["b"].bias == pytest.approx(fits["a"].bias, abs=0.15) and fits["a"].bias > 0.4
+    assert fits["rare"] == pytest.approx(fit_scaling(labels[:, 2], s))  # pooled over the one rare finding
 
 
 def test_ece_by_hand_and_bin_edges():
@@ -74,17 +99,33 @@ def test_uncertainty_auroc_separates_wrong_from_right():
 
 
 def test_fitted_calibration_keeps_flags_and_auc_and_the_models_own_auc():
-    y, s = _overconfident(600)
-    cohort = CohortScores(["Emphysema"], y[:, None], s[:, None], np.zeros((600, 1)), np.zeros((600, 1)))
-    current = Calibration({"Emphysema": FindingCalibration(threshold=0.7, heldout_auc=0.91, temperature=1.0)}, "training")
+    y, s = _overconfident(2000, b_true=-1.0)
+    cohort = CohortScores(["Emphysema"], y[:, None], s[:, None], np.zeros((2000, 1)), np.zeros((2000, 1)))
+    current = Calibration({"Emphysema": FindingCalibration(threshold=0.7, heldout_auc=0.91, temperature=1.5, bias=0.3)},
+                          "training")
     new, report = fitted_calibration(cohort, current, "/my/cohort")
     old_c, new_c = current.of("Emphysema"), new.of("Emphysema")
-    assert new_c.temperature == pytest.approx(4.0, rel=0.15) and new_c.heldout_auc == 0.91 and new.fitted_on == "/my/cohort"
+    assert new_c.temperature == pytest.approx(4.0, rel=0.15) and new_c.bias == pytest.approx(-1.0, abs=0.3)
+    assert new_c.heldout_auc == 0.91 and new.fitted_on == "/my/cohort"
     flags_before = [old_c.probability(v) >= old_c.threshold for v in s]
     flags_after = [new_c.probability(v) >= new_c.threshold - 1e-12 for v in s]
-    assert flags_before == flags_after and any(flags_before)
+    assert flags_before == flags_after and any(flags_before) and not all(flags_before)
     r = report["Emphysema"]
-    assert r["nll_after"] < r["nll_before"] and r["ece_after"] < r["ece_before"] and r["n"] == 600
+    assert r["nll_after"] < r["nll_before"] and r["ece_after"] < r["ece_before"] and r["n"] == 2000
+    assert r["bias"] == new_c.bias
+
+
+def test_bias_is_stored_and_calibrations_without_it_still_load():
+    c = Calibration({"Emphysema": FindingCalibration(0.6, 0.8, temperature=2.0, bias=-0.7)}, "cohort")
+    back = Calibration.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back == c and back.of("Emphysema").probability(1.4) == pytest.approx(0.5)  # 1.4 / 2 - 0.7 = 0
+    old = Calibration.from_dict({"fitted_on": "x", "findings": {"Emphysema": {"threshold": 0.6, "temperature": 2.0}}})
+    assert old.of("Emphysema") == FindingCalibration(0.6, None, 2.0, 0.0)  # stored before the bias existed
+    extra = {"thresholds": {"A": 0.4}, "temperatures": {"A": 3.0}}
+    assert Calibration.from_checkpoint_extra(extra).of("A").bias == 0.0
+    assert Calibration.from_checkpoint_extra(extra | {"biases": {"A": 0.25}}).of("A").bias == 0.25
+    f = FindingCalibration(temperature=3.0, bias=-0.5)
+    assert f.probability(f.score_at(0.8)) == pytest.approx(0.8)
 
 
 def test_shifted_views_translate_by_5_mm_and_fill_with_the_minimum():
@@ -102,9 +143,38 @@ def test_shifted_views_translate_by_5_mm_and_fill_with_the_minimum():
 
 def test_predictive_std_is_on_the_calibrated_scale():
     scores = torch.tensor([1.0, 2.0, 3.0])
-    assert predictive_std(scores, 1.0) == pytest.approx(float(torch.sigmoid(scores).std(unbiased=False)), abs=1e-7)
-    assert predictive_std(scores, 10.0) < predictive_std(scores, 1.0)  # a cooled model is less spread too
-    assert predictive_std(torch.tensor([2.0]), 1.0) == 0.0
+    plain, cooled = FindingCalibration(), FindingCalibration(temperature=10.0)
+    assert predictive_std(scores, plain) == pytest.approx(float(torch.sigmoid(scores).std(unbiased=False)), abs=1e-7)
+    assert predictive_std(scores, cooled) < predictive_std(scores, plain)  # a cooled model is less spread too
+    assert predictive_std(torch.tensor([2.0]), plain) == 0.0
+    shifted = FindingCalibration(bias=-2.0)  # the bias moves every member: 1 - 2 = -1 ...
+    assert predictive_std(scores, shifted) == pytest.approx(float(torch.sigmoid(scores - 2).std(unbiased=False)), abs=1e-7)
+
+
+def test_entropy_uncertainty_counts_both_spread_and_closeness_to_a_half():
+    plain = FindingCalibration()
+    assert binary_entropy_bits(0.5) == 1.0 and binary_entropy_bits(0.0) == binary_entropy_bits(1.0) == 0.0
+    assert binary_entropy_bits(0.1) == pytest.approx(0.468996, abs=1e-6)
+    sure = predictive_entropy(torch.tensor([6.0, 7.0, 8.0]), plain)
+    toss_up = predictive_entropy(torch.tensor([0.0, 0.0]), plain)  # agreed: std 0, still a coin toss
+    split = predictive_entropy(torch.tensor([-6.0, 6.0]), plain)  # each sure, the ensemble split
+    assert sure < 0.05 and toss_up == pytest.approx(1.0) and split == pytest.approx(1.0)
+    assert predictive_std(torch.tensor([0.0, 0.0]), plain) == 0.0  # what the std alone would say
+    # the calibrated scale: a negative bias turns an agreed 0.73 into a sure "absent"
+    assert predictive_entropy(torch.tensor([1.0, 1.0]), FindingCalibration(bias=-6.0)) < 0.1
+    agreed = binary_entropy_bits(1.0 / (1.0 + np.exp(-1.0)))
+    assert predictive_entropy(torch.tensor([1.0, 1.0]), plain) == pytest.approx(agreed)
+
+
+def test_results_carry_the_std_beside_the_entropy_and_old_results_still_read():
+    f = FindingResult(name="Emphysema", probability=0.7, uncertainty=0.88, flagged=True, score=0.85, uncertainty_std=0.04)
+    result = ScreeningResult({"path": "ct.nii.gz"}, "m", "cpu", [f])
+    d = result.to_dict()
+    assert d["findings"][0]["uncertainty"] == 0.88 and d["findings"][0]["uncertainty_std"] == 0.04
+    assert ScreeningResult.from_dict(d).findings[0].uncertainty_std == 0.04
+    del d["findings"][0]["uncertainty_std"]  # results written before it existed
+    assert ScreeningResult.from_dict(d).findings[0].uncertainty_std is None
+    assert result.csv_text().splitlines()[0].startswith("finding,probability,uncertainty,")
 
 
 def test_screener_tta_encodes_shifted_views_and_widens_the_ensemble():
@@ -153,6 +223,8 @@ def test_cli_calibrate_stores_temperatures_that_load_applies(tiny_model, tmp_pat
     temps = {n: stored["findings"][n]["temperature"] for n in ("Lung nodule", "Emphysema")}
     assert all(t > 0 for t in temps.values()) and temps["Lung nodule"] != 1.0
     assert load(tiny_model).calibration.of("Lung nodule").temperature == pytest.approx(temps["Lung nodule"])
+    bias = stored["findings"]["Lung nodule"]["bias"]
+    assert load(tiny_model).calibration.of("Lung nodule").bias == pytest.approx(bias) and bias != 0.0
     assert main(["calibrate", "--data", str(data), "--model", "no-such-model"]) == 2
     assert "medalign: error:" in capsys.readouterr().err
     assert main(["calibrate", "--data", str(tmp_path / "empty"), "--model", tiny_model]) == 2

@@ -46,7 +46,8 @@ def test_result_values_and_map_geometry(model):
     assert np.array_equal(volume.array, before)  # input never modified
     lo, hi = volume.ras_bounds()
     for f in result.findings:
-        assert 0.0 <= f.probability <= 1.0 and 0.0 <= f.uncertainty <= 0.5
+        assert 0.0 <= f.probability <= 1.0 and 0.0 <= f.uncertainty <= 1.0  # entropy, bits
+        assert 0.0 <= f.uncertainty_std <= 0.5
         assert isinstance(f.map, Volume) and f.map.array.dtype == np.float32
         mlo, mhi = f.map.ras_bounds()
         assert np.all(mlo >= lo - 1e-3) and np.all(mhi <= hi + 1e-3)

@@ -1,4 +1,5 @@
-"""``medalign calibrate``: fit temperatures on a labelled cohort and store them with the model."""
+"""``medalign calibrate``: fit Platt scalings (temperature and bias) on a labelled cohort and
+store them with the model."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from medalign.cli.options import FINDINGS_HELP, add_device_argument, add_tta_arg
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "calibrate",
-        help="fit per-finding temperatures on labelled data so probabilities are calibrated",
-        description="Screen a labelled cohort, fit each finding's temperature T (probability = "
-        "sigmoid(score / T)) by minimising the negative log-likelihood, and store it with the model: "
+        help="fit per-finding temperature and bias on labelled data so probabilities are calibrated",
+        description="Screen a labelled cohort, fit each finding's temperature T and bias b "
+        "(probability = sigmoid(score / T + b)) by minimising the negative log-likelihood under a weak "
+        "prior centred on the model as shipped (T = 1, b = 0), and store it with the model: "
         "every later screen, batch, eval and the Slicer panel report calibrated probabilities. "
         "The ranking of cases (AUC) and which cases are flagged do not change.",
     )
@@ -33,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     findings = parse_findings(args.findings) if args.findings else labelled_findings(load_cohort(args.data))
     path, report = calibrate(args.data, model=args.model, device=args.device, tta=args.tta, findings=findings)
-    print(f"{'finding':38s} {'n':>4s} {'pos':>4s} {'T':>7s}  {'NLL before':>10s} {'after':>6s}  {'ECE before':>10s} {'after':>6s}")
+    print(f"{'finding':38s} {'n':>4s} {'pos':>4s} {'T':>7s} {'b':>6s}  "
+          f"{'NLL before':>10s} {'after':>6s}  {'ECE before':>10s} {'after':>6s}")
     for name, r in report.items():
-        print(f"{name[:38]:38s} {r['n']:4d} {r['positives']:4d} {r['temperature']:7.3f}  {r['nll_before']:10.3f} "
+        print(f"{name[:38]:38s} {r['n']:4d} {r['positives']:4d} {r['temperature']:7.3f} {r['bias']:6.2f}  {r['nll_before']:10.3f} "
               f"{r['nll_after']:6.3f}  {r['ece_before']:10.3f} {r['ece_after']:6.3f}")
     print(f"wrote {path}")
     return 0

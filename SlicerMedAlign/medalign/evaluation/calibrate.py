@@ -1,7 +1,8 @@
-"""``medalign calibrate``: fit each finding's temperature on a labelled cohort and store it
-with the model, so every later screening reports calibrated probabilities.
+"""``medalign calibrate``: fit each finding's Platt scaling (temperature T and bias b) on a
+labelled cohort and store it with the model, so every later screening reports calibrated
+probabilities.
 
-The flag threshold moves with the temperature (it is a probability: the score at which a
+The flag threshold moves with the scaling (it is a probability: the score at which a
 finding was flagged stays the score at which it is flagged), so calibration changes the
 probabilities and their honesty, never which cases are flagged or the AUC. The held-out
 AUC stays the model's own.
@@ -9,7 +10,6 @@ AUC stays the model's own.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +18,21 @@ import numpy as np
 from medalign.core.errors import InputError
 from medalign.data.cohorts import load_cohort
 from medalign.data.labels import resolve_labels
-from medalign.evaluation.calibration import expected_calibration_error, fit_temperatures, nll
+from medalign.evaluation.calibration import expected_calibration_error, fit_scalings, nll
 from medalign.models.calibration import Calibration, FindingCalibration
 
 
 @dataclass
 class CohortScores:
-    """Per (case, finding): label (-1 unknown), raw score, reported probability, uncertainty."""
+    """Per (case, finding): label (-1 unknown), raw score, reported probability, uncertainty
+    (and the members' std beside it, where the results carry one)."""
 
     names: list[str]
     labels: np.ndarray
     scores: np.ndarray
     probs: np.ndarray
     uncertainty: np.ndarray
+    uncertainty_std: np.ndarray | None = None
 
 
 def score_cohort(data: str | Path, screener, progress: bool = True) -> CohortScores:
@@ -44,37 +46,37 @@ def score_cohort(data: str | Path, screener, progress: bool = True) -> CohortSco
         raise InputError(f"{data} has no labels.csv or reports.csv to calibrate against.")
     names = list(screener.findings)
     shape = (len(cases), len(names))
-    scores, probs, unc = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    scores, probs, unc, std = (np.zeros(shape) for _ in range(4))
     for ci, case in enumerate(tqdm(cases, desc="scoring", unit="ct", disable=not progress)):
         result = screener(read_volume(case.volume_path), with_maps=False)
         for fi, name in enumerate(names):
             fr = result.finding(name)
             scores[ci, fi], probs[ci, fi], unc[ci, fi] = fr.score, fr.probability, fr.uncertainty
-    return CohortScores(names, resolve_labels(cases, names).numpy(), scores, probs, unc)
+            std[ci, fi] = np.nan if fr.uncertainty_std is None else fr.uncertainty_std
+    return CohortScores(names, resolve_labels(cases, names).numpy(), scores, probs, unc, std)
 
 
-def _moved_threshold(old: FindingCalibration, temperature: float) -> float:
-    """The probability threshold that flags the same scores under the new temperature."""
-    t = min(max(old.threshold, 1e-12), 1.0 - 1e-12)
-    score = old.temperature * math.log(t / (1.0 - t))
-    return FindingCalibration(temperature=temperature).probability(score)
+def _moved_threshold(old: FindingCalibration, new: FindingCalibration) -> float:
+    """The probability threshold that flags the same scores under the new scaling."""
+    return new.probability(old.score_at(old.threshold))
 
 
 def fitted_calibration(cohort: CohortScores, current: Calibration, fitted_on: str) -> tuple[Calibration, dict]:
-    """Temperatures fitted on ``cohort`` over the model's ``current`` calibration, and a
-    {finding: {temperature, nll_before, nll_after, ece_before, ece_after, n}} report
-    (before: the model's current temperature)."""
-    temps = fit_temperatures(cohort.labels, cohort.scores, cohort.names)
+    """Scalings fitted on ``cohort`` over the model's ``current`` calibration, and a
+    {finding: {temperature, bias, nll_before, nll_after, ece_before, ece_after, n}} report
+    (before: the model's current scaling)."""
+    scalings = fit_scalings(cohort.labels, cohort.scores, cohort.names)
     findings, report = {}, {}
     for j, name in enumerate(cohort.names):
         known = cohort.labels[:, j] >= 0
         y, s = cohort.labels[known, j], cohort.scores[known, j]
-        old, t = current.of(name), temps[name]
-        findings[name] = FindingCalibration(threshold=_moved_threshold(old, t), heldout_auc=old.heldout_auc, temperature=t)
-        after = FindingCalibration(temperature=t)
+        old, (t, b) = current.of(name), scalings[name]
+        after = FindingCalibration(temperature=t, bias=b)
+        findings[name] = FindingCalibration(threshold=_moved_threshold(old, after), heldout_auc=old.heldout_auc,
+                                            temperature=t, bias=b)
         report[name] = {
-            "n": int(known.sum()), "positives": int(y.sum()), "temperature": t,
-            "nll_before": nll(y, s, old.temperature), "nll_after": nll(y, s, t),
+            "n": int(known.sum()), "positives": int(y.sum()), "temperature": t, "bias": b,
+            "nll_before": nll(y, s, old.temperature, old.bias), "nll_after": nll(y, s, t, b),
             "ece_before": expected_calibration_error(y, np.array([old.probability(v) for v in s])),
             "ece_after": expected_calibration_error(y, np.array([after.probability(v) for v in s])),
         }
@@ -83,7 +85,7 @@ def fitted_calibration(cohort: CohortScores, current: Calibration, fitted_on: st
 
 def calibrate(data: str | Path, model: str | None = None, device: str = "auto", tta: int = 0,
               findings: list[str] | None = None, progress: bool = True) -> tuple[Path, dict]:
-    """Fit temperatures for registry model ``model`` on the labelled cohort ``data`` and
+    """Fit Platt scalings for registry model ``model`` on the labelled cohort ``data`` and
     store them (``registry.save_calibration``); returns the file written and the report."""
     from medalign.inference.screener import Screener
     from medalign.models import registry

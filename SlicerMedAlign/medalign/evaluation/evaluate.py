@@ -150,11 +150,12 @@ def evaluate(
 
 def _calibration_entry(y: np.ndarray, p: np.ndarray, scores: np.ndarray, unc: np.ndarray, fitted) -> dict:
     """ECE and NLL of the probabilities as the model reports them (its fitted temperature
-    applied), and how well the uncertainty flags the wrong ones."""
+    and bias applied), and how well the uncertainty flags the wrong ones."""
     return {
         "ece": expected_calibration_error(y, p),
-        "nll": nll(y, scores, fitted.temperature),
+        "nll": nll(y, scores, fitted.temperature, fitted.bias),
         "temperature": fitted.temperature,
+        "bias": fitted.bias,
         "uncertainty_auroc": uncertainty_auroc(y, p, unc),
     }
 

@@ -199,7 +199,7 @@ def report_html(report: dict[str, Any]) -> str:
             f"<dt>Appearance on CT</dt><dd>{e(f['appearance']) or '&mdash;'}</dd>"
             f"<dt>Observations</dt><dd>{('map peaks ' + where) if ob else 'the map has no hotspot'}</dd>"
             f"<dt>Verdict</dt><dd>{e(f['verdict'])}: probability {f['probability']:.3f} "
-            f"&plusmn; {f['uncertainty']:.3f}</dd></dl></section>")
+            f"(uncertainty {f['uncertainty']:.3f} bits)</dd></dl></section>")
     warnings = "".join(f"<p class=w>{e(w)}</p>" for w in report["warnings"])
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>MedAlign screening report</title>"
             "<style>body{font:14px sans-serif;max-width:52em;margin:2em auto}section{border-top:1px solid #ccc}"

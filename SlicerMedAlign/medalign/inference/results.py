@@ -78,6 +78,7 @@ class FindingResult:
     published_score: float | None = None  # the family's own score where it has one (BrgSA)
     validation_auc: float | None = None  # the model's AUC for this finding on its held-out set, if known
     threshold: float | None = None  # flagged = probability >= threshold (and not near chance)
+    uncertainty_std: float | None = None  # spread of the ensemble members' probabilities (inference.uncertainty)
 
     @property
     def near_chance(self) -> bool:
@@ -106,6 +107,8 @@ class FindingResult:
             d["knowledge"] = self.knowledge
         if self.published_score is not None:
             d["published_score"] = round(float(self.published_score), 6)
+        if self.uncertainty_std is not None:
+            d["uncertainty_std"] = round(float(self.uncertainty_std), 6)
         return d
 
 
@@ -217,6 +220,7 @@ class ScreeningResult:
                 d["name"], d["probability"], d["uncertainty"], d["flagged"], d["score"],
                 map_of(d) if map_of is not None else None, hotspot, d.get("knowledge", {}), d.get("published_score"),
                 d.get("validation_auc"), d.get("threshold"),  # absent in results written before they existed
+                d.get("uncertainty_std"),
             ))
         return cls(data.get("input", {}), data["model"], data["device"], findings, data.get("elapsed_s", 0.0),
                    data.get("disclaimer", ""), list(data.get("warnings", [])), dict(data.get("settings", {})))

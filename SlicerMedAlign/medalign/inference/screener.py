@@ -29,7 +29,7 @@ from medalign.inference.hotspot import hotspot_of
 from medalign.inference.preprocess import PreparedImage
 from medalign.inference.results import FindingResult, ScreeningResult, is_near_chance
 from medalign.inference.text_cache import cached_text_latents, model_identity, text_cache_enabled
-from medalign.inference.uncertainty import predictive_std, shifted_views
+from medalign.inference.uncertainty import predictive_entropy, predictive_std, shifted_views
 from medalign.knowledge.findings import parse_findings  # noqa: F401 -- its import path since the start
 from medalign.models.base import ScreeningModel
 from medalign.models.calibration import Calibration
@@ -172,7 +172,7 @@ class Screener:
         return out
 
     def calibration(self) -> Calibration:
-        """Thresholds, held-out AUCs and temperatures of the model, the adapter's over them
+        """Thresholds, held-out AUCs and Platt scalings of the model, the adapter's over them
         (unfitted findings: defaults)."""
         return adapted_calibration(self.model.calibration, self.adapter)
 
@@ -181,8 +181,8 @@ class Screener:
         (preprocessing, precision, GPU fallback): what few-shot adaptation learns on."""
         from medalign.core.device import run_with_fallback
 
-        feats, _, _ = run_with_fallback(lambda d: self._encode(volume, d), self.device)
-        return feats
+        encoded, _ = run_with_fallback(lambda d: self._encode(volume, d), self.device)
+        return encoded.features
 
     @torch.no_grad()
     def __call__(
@@ -290,12 +290,12 @@ class Screener:
         for n, p in enumerate(self.prompts):
             step(0.5 + 0.5 * n / max(1, len(self.prompts)), f"scoring {p.finding}")
             # the score is the ensembled prompts' logit difference, averaged over the views
-            # (one view without TTA); the uncertainty is the spread of every (view, wording)
+            # (one view without TTA); the uncertainty comes from every (view, wording) member
             pairs = torch.stack([v[n][0] for v in views])
             score = float((pairs[:, 0] - pairs[:, 1]).mean())
             fitted = calibration.of(p.finding)
-            prob = fitted.probability(score)  # = softmax over the pair at T = 1
-            uncertainty = predictive_std(torch.cat([v[n][1] for v in views]), fitted.temperature)
+            prob = fitted.probability(score)  # = softmax over the pair at T = 1, b = 0
+            members = torch.cat([v[n][1] for v in views])
             map_volume = hotspot = None
             if with_maps:
                 tl = self.model.token_logits(feats, p.ensemble.to(dev))[0]  # (2, X', Y', Z')
@@ -311,7 +311,8 @@ class Screener:
             results.append(FindingResult(
                 name=p.finding,
                 probability=prob,
-                uncertainty=uncertainty,
+                uncertainty=predictive_entropy(members, fitted),
+                uncertainty_std=predictive_std(members, fitted),
                 flagged=prob >= fitted.threshold and not is_near_chance(auc),
                 score=score,
                 map=map_volume,

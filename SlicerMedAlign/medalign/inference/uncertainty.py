@@ -11,17 +11,26 @@ a finding that is really in the scan survives a 5 mm shift of the crop, a score 
 hangs on where the crop happens to fall does not). Left-right flips are not used: a
 mirrored chest (heart on the right) is not a plausible scan and moves lateral findings.
 
-The members' probabilities are ``sigmoid(score / T)`` with the finding's fitted
-temperature, so the spread is on the same calibrated scale as the reported probability;
-``uncertainty`` is their standard deviation (the predictive std). ``tta=0`` (the
-default) encodes the image once, as before: the spread is then over wordings only.
+The members' probabilities are ``sigmoid(score / T + b)`` with the finding's fitted
+scaling, so they are on the same calibrated scale as the reported probability.
+``uncertainty`` is the total predictive uncertainty, the binary entropy (bits, 0 to 1) of
+the members' mean probability: it grows both with the spread between members and with
+the mean's closeness to 0.5, the two ways a verdict can be a toss-up; the members' standard
+deviation is kept beside it as ``uncertainty_std``. Why the entropy: on 120 shifted test
+phantoms (``Testing/benchmarks/calibration_shift.py``, noise + venous contrast, Platt
+scaling fitted on 120 others, tta=0) it tells wrong from right predictions with AUROC
+0.780 pooled / 0.725 macro over findings, the std with 0.679 / 0.690. ``tta=0`` (the
+default) encodes the image once, as before: the members are then the wordings only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
+
+from medalign.models.calibration import FindingCalibration
 
 #: Translation of one test-time view, millimetres (a fraction of any finding's size
 #: that matters, several voxels of every model grid).
@@ -44,12 +53,25 @@ def shifted_views(x: torch.Tensor, n: int, spacing: tuple[float, float, float]) 
         yield view
 
 
-def member_probabilities(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+def member_probabilities(scores: torch.Tensor, scaling: FindingCalibration) -> torch.Tensor:
     """Calibrated probability of every ensemble member's present-minus-absent score."""
-    return torch.sigmoid(scores.double() / float(temperature))
+    return torch.sigmoid(scores.double() / float(scaling.temperature) + float(scaling.bias))
 
 
-def predictive_std(scores: torch.Tensor, temperature: float) -> float:
+def predictive_std(scores: torch.Tensor, scaling: FindingCalibration) -> float:
     """Standard deviation of the members' calibrated probabilities (0 for one member)."""
-    probs = member_probabilities(scores.flatten(), temperature)
+    probs = member_probabilities(scores.flatten(), scaling)
     return float(probs.std(unbiased=False)) if probs.numel() > 1 else 0.0
+
+
+def binary_entropy_bits(p: float) -> float:
+    """H(p) = -p log2 p - (1 - p) log2 (1 - p): 0 for a sure verdict, 1 at p = 0.5."""
+    p = min(max(float(p), 0.0), 1.0)
+    return -sum(q * math.log2(q) for q in (p, 1.0 - p) if q > 0.0)
+
+
+def predictive_entropy(scores: torch.Tensor, scaling: FindingCalibration) -> float:
+    """Total predictive uncertainty: the binary entropy of the members' mean calibrated
+    probability (it equals the members' mean entropy plus their disagreement, the mutual
+    information, so neither a confident split ensemble nor an agreed coin toss reads sure)."""
+    return binary_entropy_bits(float(member_probabilities(scores.flatten(), scaling).mean()))

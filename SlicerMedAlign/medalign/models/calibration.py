@@ -7,8 +7,10 @@ reads flags, held-out AUCs and calibrated probabilities from one place:
   held-out data; 0.5 when never fitted);
 * ``heldout_auc``: the finding's AUC on that held-out set; near-chance findings are never
   flagged (``inference.results.is_near_chance``);
-* ``temperature``: temperature scaling of the present-vs-absent score, fitted on labelled
-  data, so that ``sigmoid(score / T)`` is a calibrated probability (T = 1: unfitted).
+* ``temperature`` and ``bias``: Platt scaling of the present-vs-absent score, fitted on
+  labelled data, so that ``sigmoid(score / T + b)`` is a calibrated probability (T = 1,
+  b = 0: unfitted). The bias absorbs the base-rate offset a domain shift causes, which no
+  temperature can; calibrations stored before it existed read as b = 0.
 """
 
 from __future__ import annotations
@@ -22,10 +24,20 @@ class FindingCalibration:
     threshold: float = 0.5
     heldout_auc: float | None = None
     temperature: float = 1.0
+    bias: float = 0.0
+
+    def logit(self, score: float) -> float:
+        """Calibrated log-odds of a present-minus-absent logit difference."""
+        return score / self.temperature + self.bias
+
+    def score_at(self, probability: float) -> float:
+        """The raw score whose calibrated probability is ``probability`` (clipped to (0, 1))."""
+        p = min(max(probability, 1e-12), 1.0 - 1e-12)
+        return self.temperature * (math.log(p / (1.0 - p)) - self.bias)
 
     def probability(self, score: float) -> float:
         """Calibrated probability of a present-minus-absent logit difference."""
-        z = score / self.temperature
+        z = self.logit(score)
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
 
@@ -50,7 +62,8 @@ class Calibration:
         return {
             "fitted_on": self.fitted_on,
             "findings": {
-                name: {"threshold": c.threshold, "heldout_auc": c.heldout_auc, "temperature": c.temperature}
+                name: {"threshold": c.threshold, "heldout_auc": c.heldout_auc, "temperature": c.temperature,
+                       "bias": c.bias}
                 for name, c in sorted(self.findings.items())
             },
         }
@@ -65,6 +78,7 @@ class Calibration:
                     threshold=float(row.get("threshold", 0.5)),
                     heldout_auc=None if row.get("heldout_auc") is None else float(row["heldout_auc"]),
                     temperature=float(row.get("temperature", 1.0)),
+                    bias=float(row.get("bias", 0.0)),
                 )
                 for name, row in rows.items()
             },
@@ -74,17 +88,19 @@ class Calibration:
     @classmethod
     def from_checkpoint_extra(cls, extra: dict) -> Calibration:
         """The demo checkpoints' metadata: ``thresholds``, ``validation_auc`` (and, when
-        fitted, ``temperatures``), each {finding: value}."""
+        fitted, ``temperatures`` and ``biases``), each {finding: value}."""
         thresholds = dict(extra.get("thresholds", {}))
         aucs = dict(extra.get("validation_auc", {}))
         temperatures = dict(extra.get("temperatures", {}))
-        names = set(thresholds) | set(aucs) | set(temperatures)
+        biases = dict(extra.get("biases", {}))
+        names = set(thresholds) | set(aucs) | set(temperatures) | set(biases)
         return cls(
             {
                 n: FindingCalibration(
                     threshold=float(thresholds.get(n, 0.5)),
                     heldout_auc=None if aucs.get(n) is None else float(aucs[n]),
                     temperature=float(temperatures.get(n, 1.0)),
+                    bias=float(biases.get(n, 0.0)),
                 )
                 for n in names
             },

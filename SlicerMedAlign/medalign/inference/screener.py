@@ -213,7 +213,7 @@ class Screener:
         encoded, device = run_with_fallback(lambda d: self._encode(volume, d, prepared), self.device)
         feats, prepared = encoded.features, encoded.prepared
         warnings = list(encoded.coverage) if check else []
-        views = self._views(feats, prepared, device)
+        views = self._views(feats, prepared, volume, device)
         step(0.5, "scoring findings")
         findings = self._score(feats, views, prepared, volume, device, step, with_maps)
         step(1.0, "done")
@@ -252,12 +252,15 @@ class Screener:
         feats.global_latent, feats.tokens = feats.global_latent.float(), feats.tokens.float()
         return feats, prepared
 
-    def _views(self, feats, prepared: PreparedImage, device: torch.device) -> list:
+    def _views(self, feats, prepared: PreparedImage, volume: Volume, device: torch.device) -> list:
         """Member scores of the encoding and of ``tta`` shifted views (never cached: the
         views exist only for the uncertainty, and ``tta=0`` costs nothing)."""
         from medalign.core.device import autocast
+        from medalign.inference.preprocess import prepare
 
         views = [self._member_scores(feats)]
+        if self.tta and prepared.tensor.numel() == 0:  # a feature-cache hit keeps no input tensor
+            prepared = prepare(volume, self.model.profile, device=device)
         for view in shifted_views(prepared.tensor, self.tta, self.model.profile.spacing):
             with autocast(device, self.precision):
                 view_feats = self.model.image_features(self.model.input_from_grid(view))

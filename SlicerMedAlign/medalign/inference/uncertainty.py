@@ -41,6 +41,8 @@ def shifted_views(x: torch.Tensor, n: int, spacing: tuple[float, float, float]) 
     """``n`` translated copies of the model-grid tensor ``x`` (B, C, X, Y, Z): +x, -x, +y,
     -y, +z, -z by ``TTA_SHIFT_MM``, then the same at twice, three times... the distance.
     What slides in at the border is the tensor's minimum (air/padding in every profile)."""
+    if int(n) <= 0:
+        return
     fill = x.amin()
     for k in range(int(n)):
         axis, sign, scale = k // 2 % 3, (1 if k % 2 == 0 else -1), 1 + k // 6

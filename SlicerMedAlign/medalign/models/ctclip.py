@@ -144,10 +144,12 @@ def _first_line(err: BaseException) -> str:
     return text.rstrip(".")
 
 
-def read_state_dict(path: str | Path, family: str = "CT-CLIP") -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, family: str = "CT-CLIP", convert_hint: str = "") -> dict[str, torch.Tensor]:
     """A plain tensor state dict from a safetensors file or a torch zip (never full unpickling).
 
-    ``family`` only names the model in error sentences (COLIPRI reuses this reader).
+    ``family`` only names the model in error sentences (COLIPRI and Merlin reuse this
+    reader); ``convert_hint``, a command that turns a trusted pickle into safetensors, is
+    offered when a file holds more than tensors.
     """
     path = Path(path)
     if not path.is_file():
@@ -168,7 +170,8 @@ def read_state_dict(path: str | Path, family: str = "CT-CLIP") -> dict[str, torc
                 sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{family} weights file {path.name} holds more than plain tensors and is refused for safety ({_first_line(err)})."
+            f"{family} weights file {path.name} holds more than plain tensors and is refused for safety ({_first_line(err)})"
+            + (f"; if you trust it, convert it once with: {convert_hint}." if convert_hint else ".")
         ) from None
     except Exception as err:  # truncated zip, bad header, I/O error ...
         raise CheckpointError(

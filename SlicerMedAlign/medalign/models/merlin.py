@@ -32,7 +32,6 @@ and the stale ``position_ids`` buffer of old transformers versions).
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from torch import nn
 from medalign.core.errors import CheckpointError, InputError
 from medalign.models.base import ImageFeatures, ScreeningModel
 from medalign.models.checkpoint_keys import check_state_keys, shapes
+from medalign.models.ctclip import _first_line, read_state_dict
 from medalign.models.i3resnet import I3ResNet, I3ResNetConfig
 from medalign.models.profiles import MERLIN as MERLIN_PROFILE
 from medalign.models.profiles import PreprocessProfile
@@ -69,43 +69,13 @@ def sanitize_report(text: str) -> str:
     return " ".join(re.findall(r"\w+|[^\w\s]+", text.lower()))
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return (re.split(r"(?<=[.!?])\s+(?=[A-Z])", lines[0])[0] if lines else type(err).__name__).rstrip(".")
-
-
 def read_merlin_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A plain tensor state dict from safetensors or a torch file read with ``weights_only=True``.
 
     Merlin publishes a ``.pt`` pickle; anything in it beyond tensors is refused (never
     unpickled), with the one-line conversion a user can run on a file they trust.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"Merlin weights file {path} does not exist.")
-    with path.open("rb") as fh:
-        head = fh.read(9)
-    try:
-        if len(head) == 9 and head[8:9] == b"{":  # safetensors: u64 header length, then JSON
-            from safetensors.torch import load_file
-
-            sd = load_file(str(path))
-        else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"Merlin weights file {path.name} holds more than plain tensors and is refused for safety "
-            f"({_first_line(err)}); if you trust it, convert it once with: {CONVERT_HINT}."
-        ) from None
-    except Exception as err:  # truncated zip, bad header, I/O error ...
-        raise CheckpointError(
-            f"Merlin weights file {path.name} could not be read, it may be truncated or corrupt ({_first_line(err)})."
-        ) from None
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
-        raise CheckpointError(f"Merlin weights file {path.name} is not a state dict of named tensors.")
-    return sd
+    return read_state_dict(path, family="Merlin", convert_hint=CONVERT_HINT)
 
 
 def to_published(key: str) -> str:

@@ -145,6 +145,8 @@ def encoded_image(
     if found is not None:
         return found
     features, prepared = encode()
-    encoded = EncodedImage(features, replace(prepared, tensor=prepared.tensor.new_empty(0)), coverage_warnings(prepared))
+    # a plain empty tensor (the input may be a MetaTensor, whose new_empty takes no int)
+    empty = torch.empty(0, dtype=prepared.tensor.dtype, device=prepared.tensor.device)
+    encoded = EncodedImage(features, replace(prepared, tensor=empty), coverage_warnings(prepared))
     _CACHE.put(key, model, encoded)
     return encoded

@@ -177,6 +177,15 @@ def ask_for(page, findings: str) -> None:
     page.wait_for_timeout(500)
 
 
+def hold(tree: list) -> list:
+    """Freeze a run's processes (SIGSTOP) so it cannot end before a page lagging on busy
+    cores shows Cancel; the tree kill resumes what it terminates
+    (``MedAlignLib.processes.end_process_tree``), so Cancel is tested all the same."""
+    for process in tree:
+        process.suspend()
+    return tree
+
+
 def screenings(server) -> list:
     """The server's ``medalign ... screen`` descendants (the run's process tree)."""
     import psutil
@@ -365,7 +374,7 @@ def test_cancel_ends_the_screening_process_tree(page, server):
     load_sample(page)
     ask_for(page, "all")  # 33 findings: the run outlasts a page that lags on 2 busy cores
     page.click(tid("screen"))
-    tree = wait_for(lambda: screenings(server), 30, "the screening child")
+    tree = hold(wait_for(lambda: screenings(server), 30, "the screening child"))
     page.wait_for_selector(f"{tid('cancel')}:visible", timeout=60_000)
     assert page.locator(tid("screen")).is_disabled(), "one screening at a time"
     page.click(tid("cancel"))
@@ -401,7 +410,7 @@ def test_a_browser_leaving_mid_run_cancels_only_its_own_run(page, server, browse
     watcher.goto(server[0])
     watcher.wait_for_selector(tid("sample"), timeout=60_000)
     page.click(tid("screen"))
-    tree = wait_for(lambda: screenings(server), 30, "the screening child")
+    tree = hold(wait_for(lambda: screenings(server), 30, "the screening child"))
     page.wait_for_selector(f"{tid('cancel')}:visible", timeout=30_000)
     watcher.context.close()  # a browser that did not start the run leaves: nothing is cancelled
     time.sleep(2)

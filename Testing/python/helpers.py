@@ -4,6 +4,7 @@ They live here, not in the engine: product modules hold only what the product us
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,13 @@ def new_app():
     from trame_slicer.core import SlicerApp
 
     return SlicerApp()
+
+
+def assert_one_sentence(err: BaseException, *must_name: str) -> str:
+    """The error's text is one sentence (no newline, no second sentence) naming each of ``must_name``."""
+    msg = str(err)
+    assert "\n" not in msg and msg.endswith("."), msg
+    assert re.search(r"[.!?]\s+[A-Z]", msg) is None, f"more than one sentence: {msg}"
+    for name in must_name:
+        assert name in msg, f"{name!r} not named in: {msg}"
+    return msg

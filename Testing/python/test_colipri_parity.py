@@ -11,14 +11,13 @@ official processor's output for it.  We load that file with ``load_colipri`` and
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import SHARED
-from helpers import synthetic_ct
+from helpers import assert_one_sentence, synthetic_ct
 from reference_packages import run_reference
 
 from medalign.core.errors import CheckpointError
@@ -112,14 +111,6 @@ for name, path in cts.items():  # the official processor on each CT file
 save_file({k: v.contiguous() for k, v in result.items()}, str(out / "reference.safetensors"))
 '''
 
-
-def assert_one_sentence(err: BaseException, *must_name: str) -> str:
-    msg = str(err)
-    assert "\n" not in msg and msg.endswith("."), msg
-    assert re.search(r"[.!?]\s+[A-Z]", msg) is None, f"more than one sentence: {msg}"
-    for name in must_name:
-        assert name in msg, f"{name!r} not named in: {msg}"
-    return msg
 
 
 def _no_air_ct() -> Volume:

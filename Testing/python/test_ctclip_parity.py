@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_sentence
 
 from medalign.core.errors import CheckpointError, InputError
 from medalign.models import FAMILY_LOADERS, family_loader
@@ -31,14 +31,6 @@ from medalign.models.profiles import CTCLIP as CTCLIP_PROFILE
 
 ATOL = 1e-4
 
-
-def assert_one_sentence(err: BaseException, *must_name: str) -> str:
-    msg = str(err)
-    assert "\n" not in msg and msg.endswith("."), msg
-    assert re.search(r"[.!?]\s+[A-Z]", msg) is None, f"more than one sentence: {msg}"
-    for name in must_name:
-        assert name in msg, f"{name!r} not named in: {msg}"
-    return msg
 
 
 # ----------------------------------------------------------------------------- fixture set A

@@ -40,6 +40,7 @@ from medalign.core.errors import CheckpointError, InputError
 from medalign.models.base import ImageFeatures, ScreeningModel
 from medalign.models.checkpoint_keys import check_state_keys, shapes
 from medalign.models.ctvit import CTViT, CTViTConfig
+from medalign.models.pooled_scores import scaled_cosine_logits, token_shares
 from medalign.models.profiles import CTCLIP as CTCLIP_PROFILE
 from medalign.models.profiles import PreprocessProfile
 
@@ -438,14 +439,11 @@ class CTCLIPModel(ScreeningModel):
     # ------------------------------------------------------------ scores
     def logits(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
         """(B, N) = exp(temperature) * cos(image latent, text latent), CT-CLIP's zero-shot logit."""
-        image = F.normalize(feats.global_latent, dim=-1)
-        return self.logit_scale * image @ F.normalize(text, dim=-1).T
+        return scaled_cosine_logits(feats, text, self.logit_scale)
 
     def token_logits(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
         """(B, N, X', Y', Z') per-token shares of ``logits``: they sum exactly to it (no bias share)."""
-        norm = feats.global_latent.norm(dim=-1).clamp_min(1e-12)  # F.normalize's denominator
-        shares = torch.einsum("bxyzl,nl->bnxyz", feats.tokens, F.normalize(text, dim=-1))
-        return shares * (self.logit_scale / norm).view(-1, 1, 1, 1, 1)
+        return token_shares(feats, text, self.logit_scale)
 
 
 def checkpoint_layout(config: CTCLIPConfig, bert_config, add_pooling_layer: bool = True) -> dict[str, tuple[int, ...]]:

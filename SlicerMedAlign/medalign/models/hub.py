@@ -35,11 +35,13 @@ _NETWORK_MODULES = ("httpx", "httpx2", "httpcore", "huggingface_hub")  # hugging
 
 
 def _offline() -> bool:
+    """The registry's MEDALIGN_OFFLINE switch, or the Hub's own HF_HUB_OFFLINE."""
     from huggingface_hub import constants
 
-    own = os.environ.get("MEDALIGN_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    from medalign.models.registry import downloads_disabled
+
     hub = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    return own or hub or bool(constants.HF_HUB_OFFLINE)
+    return downloads_disabled() or hub or bool(constants.HF_HUB_OFFLINE)
 
 
 def _endpoint() -> str:

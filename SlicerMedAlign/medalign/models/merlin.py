@@ -44,6 +44,7 @@ from medalign.models.base import ImageFeatures, ScreeningModel
 from medalign.models.checkpoint_keys import check_state_keys, shapes
 from medalign.models.ctclip import _first_line, read_state_dict
 from medalign.models.i3resnet import I3ResNet, I3ResNetConfig
+from medalign.models.pooled_scores import scaled_cosine_logits, token_shares
 from medalign.models.profiles import MERLIN as MERLIN_PROFILE
 from medalign.models.profiles import PreprocessProfile
 
@@ -284,14 +285,11 @@ class MerlinModel(ScreeningModel):
     # ------------------------------------------------------------ scores
     def logits(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
         """(B, N) = LOGIT_SCALE * cos(image embedding, text embedding)."""
-        image = F.normalize(feats.global_latent, dim=-1)
-        return self.logit_scale * image @ F.normalize(text, dim=-1).T
+        return scaled_cosine_logits(feats, text, self.logit_scale)
 
     def token_logits(self, feats: ImageFeatures, text: torch.Tensor) -> torch.Tensor:
         """(B, N, X', Y', Z') per-position shares of ``logits`` (bias share included): they sum to it."""
-        norm = feats.global_latent.norm(dim=-1).clamp_min(1e-12)  # F.normalize's denominator
-        shares = torch.einsum("bxyzl,nl->bnxyz", feats.tokens, F.normalize(text, dim=-1))
-        return shares * (self.logit_scale / norm).view(-1, 1, 1, 1, 1)
+        return token_shares(feats, text, self.logit_scale)
 
 
 def droppable_keys(text_cfg) -> dict[str, tuple[int, ...]]:

@@ -365,7 +365,8 @@ def _download_target(entry: ModelEntry) -> Path:
     return _download_dir(entry.name) / filename
 
 
-def _offline() -> bool:
+def downloads_disabled() -> bool:
+    """MEDALIGN_OFFLINE=1: no download of any weights (registry URLs and the Hub alike)."""
     return os.environ.get("MEDALIGN_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -420,7 +421,7 @@ def resolve_weights(entry: ModelEntry, allow_download: bool | None = None, *, pr
         except CheckpointError:
             target.unlink(missing_ok=True)  # stale or damaged copy: fetch afresh below
     if allow_download is None:
-        allow_download = not _offline()
+        allow_download = not downloads_disabled()
     if not allow_download:
         raise CheckpointError(
             f"Weights for model '{entry.name}' are not downloaded and downloads are disabled "
@@ -584,6 +585,7 @@ __all__ = [
     "check_file_sha",
     "default_findings",
     "download_model",
+    "downloads_disabled",
     "entry_as_dict",
     "get",
     "list_models",

@@ -119,7 +119,7 @@ def test_optimal_transport_term_has_gradients_for_the_prompts(learned):
 
 # ---------------------------------------------------------------------- the file
 def test_adapter_file_round_trips(learned, tmp_path):
-    from medalign.inference.adapter import read_adapter, save_adapter
+    from medalign.inference.adapter import read_adapter, read_adapter_header, save_adapter
 
     adapter = learned[3].adapter
     back = read_adapter(save_adapter(adapter, tmp_path / "a.safetensors"))
@@ -127,6 +127,8 @@ def test_adapter_file_round_trips(learned, tmp_path):
     assert torch.equal(back.class_latents, adapter.class_latents.float())
     assert back.findings == FINDINGS and back.shots == 2 and back.method == "vip+kmat"
     assert back.calibration.of("Lung nodule").threshold == adapter.calibration.of("Lung nodule").threshold
+    header = read_adapter_header(tmp_path / "a.safetensors")  # what a file picker reads: no tensors
+    assert header.metadata() == back.metadata() and header.tensors == {}
 
 
 def test_an_adapter_for_another_model_is_refused_in_one_sentence(learned, tmp_path):
@@ -163,7 +165,7 @@ def test_a_corrupt_or_foreign_adapter_file_is_one_sentence(learned, tmp_path, da
 
     from safetensors.torch import save_file
 
-    from medalign.inference.adapter import read_adapter, save_adapter
+    from medalign.inference.adapter import read_adapter, read_adapter_header, save_adapter
 
     path = tmp_path / "a.safetensors"
     good = save_adapter(learned[3].adapter, tmp_path / "good.safetensors").read_bytes()
@@ -185,6 +187,10 @@ def test_a_corrupt_or_foreign_adapter_file_is_one_sentence(learned, tmp_path, da
     assert str(path) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="does not exist"):
         read_adapter(tmp_path / "missing.safetensors")
+    if damage not in ("bad shapes", "truncated"):  # the header alone cannot see damaged tensor data
+        with pytest.raises(CheckpointError) as header_err:
+            read_adapter_header(path)
+        assert str(header_err.value).split(" (")[0] == str(err.value).split(" (")[0]  # the reader's error type aside
 
 
 # ---------------------------------------------------------------------- screening with it
@@ -263,3 +269,73 @@ def test_adapt_command_refuses_bad_input_in_one_line(tiny_model, toy, tmp_path, 
     assert main(["screen", str(next((toy / "volumes").iterdir())), "--out", str(tmp_path / "o"),
                  "--adapter", str(tmp_path / "garbage.safetensors"), "--device", "cpu"]) == 2
     assert "is not a medalign adapter" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- calibrating with it
+def _registered(learned, tiny_model: str, tmp_path: Path) -> Path:
+    """The toy adapter, re-labelled for registry model ``tiny_model`` (the same seed-0 weights
+    ``helpers.tiny_checkpoint`` registers), saved to a file."""
+    from dataclasses import replace
+
+    from medalign.inference.adapter import save_adapter
+    from medalign.models import registry
+
+    adapter = replace(learned[3].adapter, model=tiny_model, model_sha256=registry.get(tiny_model).sha256, registered=True)
+    return save_adapter(adapter, tmp_path / "site.safetensors")
+
+
+def test_calibrate_with_an_adapter_stores_the_fit_in_the_adapter_and_screening_reports_it(
+        learned, toy, tiny_model, tmp_path, capsys):
+    from medalign.cli import main
+    from medalign.inference.adapter import read_adapter
+    from medalign.models import registry
+
+    path = _registered(learned, tiny_model, tmp_path)
+    before = read_adapter(path)
+    assert main(["calibrate", "--data", str(toy), "--adapter", str(path), "--findings", "lung  NODULE",
+                 "--device", "cpu"]) == 0
+    assert f"wrote the adapter's calibration into {path}" in capsys.readouterr().out
+    after = read_adapter(path)
+    nodule, old = after.calibration.of("Lung nodule"), before.calibration.of("Lung nodule")
+    assert (nodule.temperature, nodule.bias) != (old.temperature, old.bias)
+    assert nodule.heldout_auc == old.heldout_auc and after.calibration.fitted_on == str(toy.resolve())
+    assert after.calibration.of("Cardiomegaly") == before.calibration.of("Cardiomegaly")  # merged, not replaced
+    assert torch.equal(after.class_latents, before.class_latents) and after.metadata()["shots"] == before.shots
+    assert not (registry.cache_dir() / "calibration" / f"{tiny_model}.json").exists()  # the model's stays as it was
+    assert list(tmp_path.glob("*.tmp*")) == []
+
+    out = tmp_path / "screened"  # screening with the adapter reports its calibrated probability
+    assert main(["screen", str(toy / "volumes" / "case1.nii.gz"), "--out", str(out), "--adapter", str(path),
+                 "--findings", "Lung nodule", "--device", "cpu", "--no-maps"]) == 0
+    row = json.loads((out / "results.json").read_text())["findings"][0]
+    assert row["probability"] == pytest.approx(nodule.probability(row["score"]), abs=1e-5)
+    assert row["probability"] != pytest.approx(old.probability(row["score"]), abs=1e-4)
+
+
+def test_calibrate_refuses_a_foreign_adapter_or_an_unadapted_finding_before_any_work(learned, toy, tiny_model,
+                                                                                     tmp_path, capsys):
+    from dataclasses import replace
+
+    from helpers import assert_one_sentence
+
+    from medalign.cli import main
+    from medalign.inference import screener as screening
+    from medalign.inference.adapter import save_adapter
+
+    foreign = save_adapter(replace(learned[3].adapter, model="ct-clip", model_sha256="ab" * 32, registered=True),
+                           tmp_path / "ctclip.safetensors")
+    content = foreign.read_bytes()
+    screening._MODEL_CACHE.clear()
+    assert main(["calibrate", "--data", str(toy), "--adapter", str(foreign), "--model", tiny_model,
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().removeprefix("medalign: error: ")
+    assert_one_sentence(CheckpointError(err), "trained for model 'ct-clip'", f"not for '{tiny_model}'", str(foreign))
+    assert foreign.read_bytes() == content and not screening._MODEL_CACHE  # nothing loaded, nothing written
+
+    path = _registered(learned, tiny_model, tmp_path)
+    content = path.read_bytes()
+    assert main(["calibrate", "--data", str(toy), "--adapter", str(path), "--findings", "Lung nodule;Emphysema",
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().removeprefix("medalign: error: ")
+    assert_one_sentence(InputError(err), "does not adapt 'Emphysema'", "without --adapter")
+    assert path.read_bytes() == content and not screening._MODEL_CACHE

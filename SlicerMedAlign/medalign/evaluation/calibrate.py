@@ -6,6 +6,10 @@ The flag threshold moves with the scaling (it is a probability: the score at whi
 finding was flagged stays the score at which it is flagged), so calibration changes the
 probabilities and their honesty, never which cases are flagged or the AUC. The held-out
 AUC stays the model's own.
+
+With a few-shot adapter (``calibrate_adapter``) the scalings are fitted on the adapted
+scores and stored in the adapter file instead, merged finding by finding over the
+calibration it carries: they describe screening with that adapter, not the model alone.
 """
 
 from __future__ import annotations
@@ -100,3 +104,58 @@ def calibrate(data: str | Path, model: str | None = None, device: str = "auto", 
     path = registry.save_calibration(name, calibration)
     screener.model.calibration = calibration  # the in-process (cached) model agrees with the file
     return path, report
+
+
+def calibrate_adapter(data: str | Path, adapter_path: str | Path, model: str | None = None, device: str = "auto",
+                      tta: int = 0, findings: list[str] | None = None, progress: bool = True) -> tuple[Path, dict]:
+    """Fit Platt scalings on the scores of screening ``data`` WITH the adapter in
+    ``adapter_path`` and store them in that file's calibration block (merged over what it
+    had, rewritten atomically); the model's own calibration is left alone.
+
+    ``model``: the registry model (default: the adapter's own when it names a registered
+    one). A foreign adapter, or a finding it does not adapt, is one sentence before any
+    screening. ``findings`` default to the adapter's findings.
+    """
+    from dataclasses import replace
+
+    from medalign.inference.adapter import check_registry_model, read_adapter, save_adapter
+    from medalign.inference.screener import Screener
+    from medalign.models import registry
+
+    adapter = read_adapter(adapter_path)
+    name = model or (adapter.model if adapter.registered else registry.DEFAULT_MODEL)
+    check_registry_model(adapter, name, adapter_path)  # a foreign adapter costs no model load, no screening
+    names = _adapted_findings(adapter, findings, adapter_path)
+    screener = Screener(model=name, findings=names, device=device, tta=tta, adapter=adapter)
+    cohort = _labelled_only(score_cohort(data, screener, progress=progress), data)
+    fitted_on = str(Path(data).resolve())
+    calibration, report = fitted_calibration(cohort, screener.calibration(), fitted_on)
+    fitted = Calibration({n: calibration.of(n) for n in cohort.names}, fitted_on)
+    merged = (adapter.calibration or Calibration()).merged(fitted)
+    return save_adapter(replace(adapter, calibration=merged), adapter_path), report
+
+
+def _labelled_only(cohort: CohortScores, data: str | Path) -> CohortScores:
+    """The findings some case of ``data`` has a label for: an adapter keeps the scalings it
+    had for the others rather than gaining a fit on nothing."""
+    cols = [j for j in range(len(cohort.names)) if (cohort.labels[:, j] >= 0).any()]
+    if not cols:
+        raise InputError(f"No case of {data} has a label for the findings being calibrated.")
+    std = None if cohort.uncertainty_std is None else cohort.uncertainty_std[:, cols]
+    return CohortScores([cohort.names[j] for j in cols], cohort.labels[:, cols], cohort.scores[:, cols],
+                        cohort.probs[:, cols], cohort.uncertainty[:, cols], std)
+
+
+def _adapted_findings(adapter, findings: list[str] | None, path: str | Path) -> list[str]:
+    """``findings`` (default: all the adapter's), each one the adapter adapts, in its spelling."""
+    from medalign.inference.adapter import finding_key
+
+    known = {finding_key(f): f for f in adapter.findings}
+    if findings is None:
+        return list(adapter.findings)
+    missing = [f for f in findings if finding_key(f) not in known]
+    if missing:
+        raise InputError(f"The adapter {path} does not adapt {', '.join(repr(f) for f in missing)} (it adapts "
+                         f"{', '.join(adapter.findings)}); calibrate those with the model: medalign calibrate "
+                         "without --adapter.")
+    return [known[finding_key(f)] for f in findings]

@@ -14,21 +14,25 @@ under ``medalign_adapter``: format version, the model's name and weights SHA-256
 family, method, shots, findings, training data and an optional calibration block
 (``Calibration.to_dict()``). An adapter belongs to one set of weights: a file made for
 another model is refused in one sentence naming both.
+
+Torch loads only when tensors are read or written: ``read_adapter_header`` (what the panel
+and the web viewer show about a file, and the model check) reads the header alone.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import torch
 
 from medalign.core.errors import CheckpointError
 from medalign.models.calibration import Calibration
 
 if TYPE_CHECKING:
+    import torch
+
     from medalign.inference.screener import PromptLatents
     from medalign.models.base import ScreeningModel
 
@@ -37,6 +41,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "medalign_adapter"
 CLASS_LATENTS = "class_latents"  # (F, 2, D): present, absent class embedding per finding
 METHODS = ("vip", "kmat", "vip+kmat")
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
 
 
 @dataclass
@@ -97,6 +102,7 @@ def model_fingerprint(model: ScreeningModel, registry_name: str | None) -> tuple
 
 def save_adapter(adapter: Adapter, path: str | Path) -> Path:
     """Write ``adapter`` atomically (a temporary name, then renamed)."""
+    import torch
     from safetensors.torch import save_file
 
     from medalign.core.atomic import atomic_output
@@ -120,11 +126,55 @@ def read_adapter(path: str | Path) -> Adapter:
             header = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 -- safe_open has no __iter__
     except Exception as exc:  # safetensors raises its own error types (and OSError, ValueError) for bad files
-        raise CheckpointError(f"{path} is not a medalign adapter: it does not read as a safetensors file "
-                              f"({type(exc).__name__}).") from None
-    meta = _metadata(header, path)
+        raise _unreadable(path, exc) from None
+    adapter = _from_metadata(_metadata(header, path), tensors, path)
+    check_shapes(adapter, path)
+    return adapter
+
+
+def read_adapter_header(path: str | Path) -> Adapter:
+    """The adapter in ``path`` without its tensors (``tensors`` is empty): name, model, method,
+    shots, findings and calibration from the safetensors header alone, without torch, so a
+    file picker can describe a file (and ``check_registry_model`` judge it) in milliseconds.
+    The same sentences as ``read_adapter`` for a missing or foreign file; damaged tensor data
+    is found only when screening reads them."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"The adapter file {path} does not exist.")
     try:
-        adapter = Adapter(
+        header = _safetensors_metadata(path)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise _unreadable(path, exc) from None
+    return _from_metadata(_metadata(header, path), {}, path)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file: an 8-byte little-endian header length, then
+    that many bytes of JSON (the format's specification); nothing else is read."""
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if not 1 < n <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            raise ValueError(f"header length {n} does not fit the file")
+        header = json.loads(fh.read(n).decode("utf-8"))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ValueError("__metadata__ is not a string map")
+    return meta
+
+
+def _unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"{path} is not a medalign adapter: it does not read as a safetensors file "
+                           f"({type(exc).__name__}).")
+
+
+def _from_metadata(meta: dict, tensors: dict, path: Path) -> Adapter:
+    try:
+        return Adapter(
             model=str(meta["model"]), model_sha256=str(meta["model_sha256"]), family=str(meta["family"]),
             method=str(meta["method"]), shots=int(meta["shots"]), findings=[str(f) for f in meta["findings"]],
             tensors=tensors, data=str(meta.get("data", "")), registered=bool(meta.get("registered", False)),
@@ -133,8 +183,6 @@ def read_adapter(path: str | Path) -> Adapter:
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"The adapter {path} is damaged: its metadata lacks or garbles {exc}.") from None
-    check_shapes(adapter, path)
-    return adapter
 
 
 def _metadata(header: dict[str, str], path: Path) -> dict:
@@ -146,7 +194,8 @@ def _metadata(header: dict[str, str], path: Path) -> dict:
     except ValueError:
         raise CheckpointError(f"The adapter {path} is damaged: its metadata is not valid JSON.") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a medalign adapter (format {meta.get('format')!r}).")
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} is a safetensors file but not a medalign adapter (format {found!r}).")
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"The adapter {path} has format version {meta.get('version')}; this medalign reads "
                               f"version {FORMAT_VERSION} (adapt the model again with this version).")
@@ -154,6 +203,8 @@ def _metadata(header: dict[str, str], path: Path) -> dict:
 
 
 def check_shapes(adapter: Adapter, path: Path) -> None:
+    import torch
+
     latents = adapter.tensors.get(CLASS_LATENTS)
     n = len(adapter.findings)
     if latents is None or latents.ndim != 3 or latents.shape[:2] != (n, 2) or not torch.isfinite(latents).all():
@@ -183,7 +234,8 @@ def check_registry_model(adapter: Adapter, name: str, path: str | Path = "") -> 
         check_model(adapter, entry.name, entry.sha256, path)
 
 
-def _key(finding: str) -> str:
+def finding_key(finding: str) -> str:
+    """How an adapter matches findings: case and spacing do not count."""
     return " ".join(finding.lower().split())
 
 
@@ -191,10 +243,10 @@ def apply_adapter(prompts: list[PromptLatents], adapter: Adapter) -> list[Prompt
     """``prompts`` with each adapted finding's ensembled pair replaced by the adapter's class
     embeddings; the per-wording latents stay (the uncertainty reads them) and findings the
     adapter does not know are left as they are."""
-    index = {_key(f): i for i, f in enumerate(adapter.findings)}
+    index = {finding_key(f): i for i, f in enumerate(adapter.findings)}
     out = []
     for p in prompts:
-        i = index.get(_key(p.finding))
+        i = index.get(finding_key(p.finding))
         if i is None:
             out.append(p)
             continue
@@ -218,7 +270,9 @@ __all__ = [
     "apply_adapter",
     "check_model",
     "check_registry_model",
+    "finding_key",
     "model_fingerprint",
     "read_adapter",
+    "read_adapter_header",
     "save_adapter",
 ]

@@ -5,6 +5,7 @@ Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer`
 (trame-slicer / slicer-core) alike. Heavy engine parts (torch) load on first use.
 """
 
+from .adapter_choices import AdapterChoice, adapter_problem, adapter_status, adapters_for_model, describe_adapter
 from .background import BackgroundDownload, BackgroundScreening
 from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
 from .dependencies import REQUIREMENTS, dependency_problems, missing_dependencies, pip_requirements, plan_install
@@ -23,6 +24,7 @@ from .results_view import (
 from .run_controller import BusyError, RunController, RunOutcome, RunState
 
 __all__ = [
+    "AdapterChoice",
     "BackgroundDownload",
     "BackgroundScreening",
     "BusyError",
@@ -36,7 +38,11 @@ __all__ = [
     "RunState",
     "ScreeningLogic",
     "TABLE_COLUMNS",
+    "adapter_problem",
+    "adapter_status",
+    "adapters_for_model",
     "dependency_problems",
+    "describe_adapter",
     "describe_location",
     "download_question",
     "end_process_tree",

@@ -24,6 +24,7 @@ from typing import Any
 
 from medalign.core.errors import CancelledError, InputError, MedAlignError
 
+from .adapter_choices import check_adapter
 from .background import BackgroundDownload, BackgroundJob, BackgroundScreening
 from .model_choices import needs_download
 from .processes import ChildProcess, end_process_tree
@@ -141,14 +142,16 @@ class RunController:
     def start(self, volume_node, findings, model: str | None = None, device: str = "auto",
               adapter: str | None = None) -> None:
         """Write the hand-off volume and start the child; returns at once (events follow).
-        ``adapter``: a ``medalign adapt`` file (empty or None: none); a bad or foreign one
-        ends the run with the child's one sentence.
+        ``adapter``: a ``medalign adapt`` file (empty or None: none); one that cannot screen
+        with ``model`` (unreadable, or trained on other weights) is refused here in the
+        engine's one sentence, from its header alone, before any child starts.
 
         A model whose weights are not downloaded is refused: the panels ask before a
         download (``start_download``), a screening never starts one unasked."""
         self._refuse_if_busy()
         if volume_node is None:
             raise InputError("Select a CT volume to screen.")
+        check_adapter(adapter, model)
         if needs_download(model):
             raise InputError(f"Model '{model}' is not downloaded yet; download it first (choose it in the model "
                              "list and confirm the download).")

@@ -22,7 +22,7 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install 't
 pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
 psutil = pytest.importorskip("psutil", reason="needs psutil (a dependency of the Slicer module)")
 
-from helpers import synthetic_ct, tiny_checkpoint  # noqa: E402
+from helpers import assert_one_sentence, synthetic_ct, tiny_checkpoint  # noqa: E402
 from test_hub import WEIGHTS  # noqa: E402
 from test_hub import local_hub as local_hub  # noqa: E402,F401 - the Hub stand-in fixture, shared with test_hub
 
@@ -321,7 +321,7 @@ def _adapter_for(tmp_path: Path, model: str, sha256: str) -> Path:
     return save_adapter(adapter, tmp_path / f"{sha256[:6]}.safetensors")
 
 
-def test_the_panels_adapter_reaches_the_child_and_a_foreign_one_fails_in_one_sentence(
+def test_the_panels_adapter_reaches_the_child_and_a_foreign_one_is_refused_in_one_sentence(
         scene_node, tmp_path, registered_tiny):
     from medalign.inference.screener import Screener
     from medalign.models import registry
@@ -344,12 +344,56 @@ def test_the_panels_adapter_reaches_the_child_and_a_foreign_one_fails_in_one_sen
         assert shown.finding(name).probability == pytest.approx(expected.finding(name).probability, abs=1e-4)
     assert shown.finding("Lung nodule").probability != pytest.approx(plain.finding("Lung nodule").probability, abs=1e-3)
 
+    foreign = _adapter_for(tmp_path, "ct-clip", "ab" * 32)  # refused from its header: no child, no work folder
+    before = node_ids(scene)
+    with pytest.raises(CheckpointError) as refusal:
+        controller.start(node, FINDINGS, model=registered_tiny, device="cpu", adapter=str(foreign))
+    assert_one_sentence(refusal.value, "was trained for model 'ct-clip'", f"not for '{registered_tiny}'")
+    assert len(panel.processes) == 1 and controller.state is RunState.IDLE and node_ids(scene) == before
+
+
+def test_adapter_choices_describe_a_file_from_its_header_and_say_when_it_does_not_fit(registered_tiny, tmp_path):
+    """The line under the panel's picker and the web viewer's list: from the header alone
+    (no torch), the refusal in the screening's own sentence."""
+    from dataclasses import replace
+
+    from medalign.inference.adapter import read_adapter, save_adapter
+    from medalign.models import registry
+    from medalign.models.calibration import Calibration, FindingCalibration
+    from MedAlignLib.adapter_choices import NO_ADAPTER, adapter_status, adapters_for_model, describe_adapter
+
+    own = _adapter_for(tmp_path, registered_tiny, registry.get(registered_tiny).sha256)
     foreign = _adapter_for(tmp_path, "ct-clip", "ab" * 32)
-    controller.start(node, FINDINGS, model=registered_tiny, device="cpu", adapter=str(foreign))
-    assert controller.wait(240)
-    failed = panel.outcomes[-1]
-    assert failed.status == "failed" and "was trained for model 'ct-clip'" in failed.message
-    assert f"not for '{registered_tiny}'" in failed.message and "\n" not in failed.message
+    choice = describe_adapter(own)
+    assert choice.label == f"{own.name} — tiny · vip+kmat · 1 shot · 1 finding"
+    assert choice.description == "Adapter for tiny (vip+kmat, 1 shot, no calibration of its own): Lung nodule."
+    assert adapter_status(own, registered_tiny) == (choice.description, True)
+    assert adapter_status(own, None) == (choice.description, True)  # no model chosen: the adapter names its own
+    assert adapter_status("", registered_tiny) == (NO_ADAPTER, True)
+    line, usable = adapter_status(foreign, registered_tiny)
+    assert not usable and assert_one_sentence(CheckpointError(line), "trained for model 'ct-clip'", "not for 'tiny'")
+    line, usable = adapter_status(own, "medalign-demo")
+    assert not usable and "not for 'medalign-demo'" in line
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not an adapter")
+    line, usable = adapter_status(garbage, registered_tiny)
+    assert not usable and assert_one_sentence(CheckpointError(line), str(garbage), "is not a medalign adapter")
+    line, usable = adapter_status(tmp_path / "gone.safetensors", registered_tiny)
+    assert not usable and line.endswith("does not exist.")
+
+    calibrated = replace(read_adapter(own), calibration=Calibration({"Lung nodule": FindingCalibration(bias=0.5)}, "x"))
+    later = save_adapter(calibrated, tmp_path / "sub" / "calibrated.safetensors")
+    assert describe_adapter(later).label.endswith("· 1 finding · calibrated")
+    # tmp_path also holds the tiny model's own weights (a safetensors file that is no adapter)
+    assert (tmp_path / "tiny.safetensors").is_file()
+    listed = adapters_for_model([tmp_path, later, own], registered_tiny)
+    assert [c.path for c in listed] == [str(own), str(later)]  # folders by name, each file once
+    assert adapters_for_model([tmp_path], "medalign-demo") == []
+
+    code = ("import sys\nfrom MedAlignLib.adapter_choices import adapter_status\n"
+            f"print(adapter_status({str(own)!r}, 'tiny')[1], 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "False"], done.stderr  # the picker's line costs no torch import
 
 
 # ---------------------------------------------------------------------- model downloads

@@ -57,7 +57,8 @@ The results table ranks findings by probability with an uncertainty, a flag and 
 model's held-out AUC for the finding (below 0.7 it reads "near chance" and is never
 flagged); click a row to overlay that finding's local alignment map (where the image
 matches the finding's description), turn its hotspot into a segment, or export a
-structured report.<br><br>
+structured report. An optional few-shot <i>adapter</i> (from <code>medalign adapt</code>) for the
+chosen model can be picked under the model.<br><br>
 <b>The embedded model <i>medalign-demo</i> was trained on synthetic CT phantoms: it is a
 demonstration, not a clinical tool.</b> Research use only; not for clinical decisions.
 From the Python console: <code>slicer.util.getModuleLogic("MedAlign").screen(volumeNode,
@@ -89,7 +90,7 @@ class MedAlignParameterNode:
     findings: list[str]
     customFindings: str
     device: Annotated[str, Choice(DEVICES), Default("auto")]
-    adapterPath: str  # a medalign adapt file ("" = none); no widget yet: set it from the Python console
+    adapterPath: str  # a medalign adapt file ("" = none): the adapter picker, bound in MedAlignWidget.setup
     opacity: Annotated[float, WithinRange(0.0, 1.0), Default(0.5)]
     threshold: Annotated[float, WithinRange(0.0, 1.0), Default(0.5)]
     resultTable: vtkMRMLTableNode
@@ -167,6 +168,7 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._display = None  # MedAlignLib.DisplayController: the overlay follows the parameter node
         self.runs = None  # MedAlignLib.RunController: every decision about a run
         self._updatingFindings = False
+        self._screenToolTip = ""  # the .ui's, shown again once the adapter fits
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -185,6 +187,9 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resultsTableView.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         self.ui.resultsTableView.setSelectionMode(qt.QAbstractItemView.SingleSelection)
         self.ui.resultsTableView.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        # The adapter picker offers adapter files only (nameFilters as Slicer's ScreenCapture.py:391 at v5.8.1).
+        self.ui.adapterPathLineEdit.nameFilters = ["*.safetensors"]
+        self._screenToolTip = self.ui.screenButton.toolTip
         self.populateModels()
         self.populateFindings()
 
@@ -195,6 +200,12 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.ui.screenButton.connect("clicked(bool)", self.onScreenButton)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        # The adapter path is bound by hand, not through SlicerParameterName: Slicer's ctkPathLineEdit
+        # connector takes pathlib.Path parameters only (parameterNodeWrapper/guiConnectors.py:605-612 at
+        # v5.8.1) and an empty Path reads as "." (tests/test_slicer_parameter_node_wrapper_guis.py:727-728),
+        # while "no adapter" must stay "". Same signal as that connector's (guiConnectors.py:625).
+        self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", self.onAdapterPathChanged)
+        self.ui.clearAdapterButton.connect("clicked()", self.onClearAdapter)
         self.ui.findingsListWidget.connect("itemChanged(QListWidgetItem*)", self.onFindingItemChanged)
         self.ui.ctRateButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate")))
         self.ui.ctRateLtButton.connect("clicked()", lambda: self.checkFindings(self.logic.findingPreset("ct-rate-lt")))
@@ -305,13 +316,18 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updatingFindings = False
         if self.ui.resultsTableView.mrmlTableNode() is not p.resultTable:
             self.ui.resultsTableView.setMRMLTableNode(p.resultTable)
+        adapterUsable = self.updateAdapterGUI(p)
         running = self.runs is not None and self.runs.running
         downloading = self.runs is not None and self.runs.downloading
         installing = self.runs is not None and self.runs.state is MedAlignLib.RunState.INSTALLING
         # While a model downloads, the one button is its Cancel: Screen waits for the weights.
         self.ui.screenButton.text = "Cancel download" if downloading else "Cancel" if running else "Screen"
-        self.ui.screenButton.enabled = not installing and (running or bool(p.inputVolume))
+        self.ui.screenButton.enabled = not installing and (running or (bool(p.inputVolume) and adapterUsable))
+        self.ui.screenButton.toolTip = (self._screenToolTip if running or adapterUsable
+                                        else f"Screen is off: {self.ui.adapterStatusLabel.text}")
         self.ui.modelComboBox.enabled = not running and not installing
+        self.ui.adapterPathLineEdit.enabled = not running and not installing
+        self.ui.clearAdapterButton.enabled = not running and not installing and bool(p.adapterPath)
         self.ui.progressBar.setVisible(running)
         hasResults = p.resultTable is not None
         self.ui.hotspotToSegmentButton.enabled = hasResults and not running
@@ -373,6 +389,30 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.runs.start_download(name)
             return True
         return False
+
+    def updateAdapterGUI(self, p) -> bool:
+        """Picker text from the parameter node (signals blocked: showing it is not a new
+        choice) and the line under it (``MedAlignLib.adapter_status``: the adapter's
+        description, or the sentence why it cannot screen with the chosen model, read from
+        the file's header alone); returns whether Screen may run with it."""
+        picker = self.ui.adapterPathLineEdit
+        if picker.currentPath != p.adapterPath:
+            wasBlocked = picker.blockSignals(True)
+            picker.currentPath = p.adapterPath
+            picker.blockSignals(wasBlocked)
+        line, usable = MedAlignLib.adapter_status(p.adapterPath, p.model)
+        self.ui.adapterStatusLabel.text = line
+        return usable
+
+    def onAdapterPathChanged(self, path: str) -> None:
+        """A file was picked or typed: it becomes the parameter node's adapter."""
+        if self._parameterNode is not None and self._parameterNode.adapterPath != path:
+            self._parameterNode.adapterPath = path
+
+    def onClearAdapter(self) -> None:
+        """"None": screen with the model's own prompts."""
+        if self._parameterNode is not None:
+            self._parameterNode.adapterPath = ""
 
     def onFindingItemChanged(self, item) -> None:
         if self._updatingFindings or self._parameterNode is None:
@@ -685,6 +725,19 @@ class MedAlignTest(ScriptedLoadableModuleTest):
         self.assertEqual({combo.itemData(i): combo.itemText(i) for i in range(combo.count)},
                          {choice.name: choice.label for choice in MedAlignLib.model_choices()})
         self.assertEqual(combo.itemData(combo.currentIndex), p.model)
+
+        self.delayDisplay("An adapter that does not fit turns Screen off and says why")
+        missing = os.path.join(slicer.app.temporaryPath, "MedAlignTestNoSuchAdapter.safetensors")
+        widget.ui.adapterPathLineEdit.currentPath = missing  # as if picked: the picker writes the parameter
+        self.assertEqual(p.adapterPath, missing)
+        line, usable = MedAlignLib.adapter_status(missing, p.model)
+        self.assertFalse(usable)
+        self.assertEqual(widget.ui.adapterStatusLabel.text, line)
+        self.assertFalse(widget.ui.screenButton.enabled)
+        widget.ui.clearAdapterButton.click()
+        self.assertEqual((p.adapterPath, widget.ui.adapterPathLineEdit.currentPath), ("", ""))
+        self.assertEqual(widget.ui.adapterStatusLabel.text, MedAlignLib.adapter_status("", p.model)[0])
+        self.assertTrue(widget.ui.screenButton.enabled)
 
         self.delayDisplay("Screen from the panel")
         widget.ui.screenButton.click()

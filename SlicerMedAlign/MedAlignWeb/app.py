@@ -57,7 +57,7 @@ class WebViewer(TrameApp):
     """One page, one scene, one ``ScreeningSession`` (one screening at a time)."""
 
     def __init__(self, server=None, volumes: list[str] | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-                 device: str = "auto", adapter: str | None = None) -> None:
+                 device: str = "auto", adapters: list[str] | None = None) -> None:
         from trame_slicer import module as trame_slicer_module
         from trame_slicer.core import LayoutManager, SlicerApp
         from trame_slicer.rca_view import register_rca_factories
@@ -71,7 +71,7 @@ class WebViewer(TrameApp):
         self.layout_manager.set_layout("Quad View")
         self.uploads = UploadFolder(int(max_upload_mb * 1024 * 1024))
         self.session = ScreeningSession(self.slicer_app.scene, on_progress=self._on_progress, on_done=self._on_done,
-                                        on_message=self._error, device=device, adapter=adapter)
+                                        on_message=self._error, device=device, adapters=adapters)
         self._pump_task = None
         self._clients: set[str] = set()
         self._run_owner: str | None = None  # the browser that pressed Screen
@@ -84,11 +84,14 @@ class WebViewer(TrameApp):
     # ------------------------------------------------------------------ state
     def _init_state(self, volumes: list[str]) -> None:
         models = self.session.models()
+        model = models[0]["value"] if models else None
         self.state.update({
             "trame__title": "MedAlign web viewer",
             "server_volumes": [{"title": Path(v).name, "value": str(v)} for v in volumes],
             "server_volume": None, "volume_name": "", "upload": None,
-            "models": models, "model": models[0]["value"] if models else None,
+            "models": models, "model": model,
+            "adapter_offered": bool(self.session.adapter_locations),
+            "adapters": self.session.adapters(model), "adapter": self.session.default_adapter(model),
             "download_dialog": False, "download_model": None, "download_question": "",
             "presets": PRESETS, "preset": "ct-rate", "free_text": "",
             "busy": False, "progress": 0.0, "status": "Load a CT: a file on the server, an upload or the sample CT.",
@@ -165,10 +168,19 @@ class WebViewer(TrameApp):
 
     # ------------------------------------------------------------------ models
     def choose_model(self, model: str | None) -> None:
-        """A model was picked: one that is not downloaded asks first (the confirm dialog)."""
+        """A model was picked: the adapter list follows it (a choice that no longer fits goes
+        back to none); one that is not downloaded asks first (the confirm dialog)."""
+        self.refresh_adapters(model)
         question = self._guard(self.session.download_question, model)
         if question:
             self.state.update({"download_question": question, "download_model": model, "download_dialog": True})
+
+    def refresh_adapters(self, model: str | None) -> None:
+        """The adapter select's items for ``model``; the current choice stays if it still fits."""
+        items = self._guard(self.session.adapters, model) or [{"title": "none", "value": ""}]
+        self.state.adapters = items
+        if self.state.adapter not in {item["value"] for item in items}:
+            self.state.adapter = ""
 
     def download(self, model: str | None) -> None:
         """The dialog's Download: the weights come in a child process, with the progress bar and Cancel."""
@@ -177,14 +189,14 @@ class WebViewer(TrameApp):
             self._running(f"Downloading model '{model}'...")
 
     # ------------------------------------------------------------------ run
-    def screen(self, model: str | None, preset: str, free_text: str) -> None:
+    def screen(self, model: str | None, preset: str, free_text: str, adapter: str | None = None) -> None:
         """The page's choices come as arguments (what this browser shows), not from the
         shared state, which another browser or a late sync could have changed. A model
         that is not downloaded asks for its download instead of screening."""
         if self._guard(self.session.download_question, model):
             return self.choose_model(model)
         findings = self._guard(findings_request, preset, free_text)
-        if findings and self._guard(self.session.start, model, findings) is None and self.session.running:
+        if findings and self._guard(self.session.start, model, findings, adapter) is None and self.session.running:
             self._running()
         return None
 
@@ -287,12 +299,13 @@ class WebViewer(TrameApp):
 
 def serve(host: str = "127.0.0.1", port: int = 8080, volumes: list[str] | None = None,
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, device: str = "auto", open_browser: bool = False,
-          adapter: str | None = None) -> int:
-    """Start the viewer (blocks until the server stops); ``medalign web`` calls this."""
+          adapters: list[str] | None = None) -> int:
+    """Start the viewer (blocks until the server stops); ``medalign web`` calls this.
+    ``adapters``: adapter files and folders of them the page may offer."""
     import atexit
     import signal
 
-    viewer = WebViewer(volumes=volumes, max_upload_mb=max_upload_mb, device=device, adapter=adapter)
+    viewer = WebViewer(volumes=volumes, max_upload_mb=max_upload_mb, device=device, adapters=adapters)
     atexit.register(viewer.close)
     previous = signal.getsignal(signal.SIGTERM)
 

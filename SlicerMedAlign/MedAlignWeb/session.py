@@ -20,6 +20,7 @@ from pathlib import Path
 
 from medalign.core.errors import InputError
 from MedAlignLib import DisplayController, PopenProcess, RunController, RunOutcome, RunState, ScreeningLogic
+from MedAlignLib.adapter_choices import adapter_files, adapters_for_model, check_adapter
 from MedAlignLib.logic import FINDING
 from MedAlignLib.model_choices import download_question, model_choice, model_choices
 from MedAlignLib.nodes import node_from_volume
@@ -38,10 +39,11 @@ class ScreeningSession:
 
     def __init__(self, scene, *, on_progress: Callable[[float, str], None] | None = None,
                  on_done: Callable[[RunOutcome], None] | None = None, on_message: ReportFn | None = None,
-                 device: str = "auto", adapter: str | None = None) -> None:
+                 device: str = "auto", adapters: list[str] | None = None) -> None:
         self.scene = scene
         self.device = device
-        self.adapter = adapter  # a medalign adapt file on the server (medalign web --adapter), applied to every run
+        # medalign web --adapter FILE|DIR (repeatable): where the adapters the page may offer lie
+        self.adapter_locations = [str(a) for a in adapters or []]
         self.on_message = on_message or (lambda text: None)
         self.logic = ScreeningLogic(scene)
         self.parameter_node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "MedAlign web viewer")
@@ -90,6 +92,31 @@ class ScreeningSession:
         choice = model_choice(model)
         return download_question(choice) if choice.needs_download else ""
 
+    # ------------------------------------------------------------------ adapters
+    def adapters(self, model: str | None) -> list[dict]:
+        """The adapter select's items: "none", then the server's adapters that fit ``model``
+        (``MedAlignLib.adapter_choices``: the panel's labels), read afresh each time (a
+        ``medalign adapt`` or ``calibrate --adapter`` may have written one since)."""
+        fitting = adapters_for_model(self.adapter_locations, model)
+        return [{"title": "none", "value": ""}, *({"title": c.label, "value": c.path} for c in fitting)]
+
+    def default_adapter(self, model: str | None) -> str:
+        """The adapter chosen before the page chooses: the first one named as a file on the
+        command line that fits ``model`` (``medalign web --adapter FILE`` applies it, as it
+        always did), else none."""
+        offered = {item["value"] for item in self.adapters(model)}
+        return next((str(f) for f in self.adapter_locations if Path(f).is_file() and str(f) in offered), "")
+
+    def _offered_adapter(self, adapter: str | None, model: str | None) -> str | None:
+        """``adapter`` (a path the page sent) when it is one of the server's adapter files and
+        fits ``model``; a browser cannot name any other file on the server."""
+        if not adapter:
+            return None
+        if Path(adapter).resolve() not in {f.resolve() for f in adapter_files(self.adapter_locations)}:
+            raise InputError(f"{Path(adapter).name} is not one of the adapters this viewer offers; choose one from the list.")
+        check_adapter(adapter, model)
+        return adapter
+
     def start_download(self, model: str) -> None:
         """Download (or resume) ``model``'s weights in a child process, with the same progress,
         Cancel and one-job-at-a-time rule as a screening."""
@@ -104,12 +131,14 @@ class ScreeningSession:
     def downloading(self) -> bool:
         return self.runs.downloading
 
-    def start(self, model: str | None, findings: list[str]) -> None:
+    def start(self, model: str | None, findings: list[str], adapter: str | None = None) -> None:
         """Start screening the loaded CT in a child process (one run at a time: a second
-        start while one runs is refused with ``BusyError``), with the session's adapter."""
+        start while one runs is refused with ``BusyError``), with ``adapter`` (one of the
+        server's adapter files; "" or None: none)."""
         if self.volume_node is None or not self.scene.IsNodePresent(self.volume_node):
             raise InputError("Load a CT first: a file on the server, an upload or the sample CT.")
-        self.runs.start(self.volume_node, findings, model or None, self.device, adapter=self.adapter)
+        self.runs.start(self.volume_node, findings, model or None, self.device,
+                        adapter=self._offered_adapter(adapter, model))
 
     def pump(self) -> None:
         """Deliver the child's progress and end (no-op when nothing runs)."""

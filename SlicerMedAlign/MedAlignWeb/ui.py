@@ -60,12 +60,14 @@ def _run_panel(viewer) -> None:
     v3.VSelect(label="Model", v_model=("model",), items=("models",), density="compact", hide_details=True,
                disabled=("busy",), update_modelValue=(viewer.choose_model, "[$event]"), **tid("model"))
     _download_dialog(viewer)
+    v3.VSelect(v_if="adapter_offered", label="Adapter (medalign adapt)", v_model=("adapter",), items=("adapters",),
+               density="compact", hide_details=True, disabled=("busy",), **tid("adapter"))
     v3.VSelect(label="Findings preset", v_model=("preset",), items=("presets",), density="compact",
                hide_details=True, disabled=("busy",), **tid("preset"))
     v3.VTextField(label="Free-text findings (separate with ;)", v_model=("free_text",), density="compact",
                   hide_details=True, disabled=("busy",), **tid("free-text"))
     with html.Div(classes="d-flex ga-2"):
-        v3.VBtn("Screen", click=(viewer.screen, "[model, preset, free_text]"), color="primary",
+        v3.VBtn("Screen", click=(viewer.screen, "[model, preset, free_text, adapter]"), color="primary",
                 disabled=("busy || !volume_name",),
                 **tid("screen"))
         v3.VBtn("Cancel", click=viewer.cancel, color="error", v_show="busy", **tid("cancel"))

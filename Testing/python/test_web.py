@@ -32,6 +32,7 @@ START_TIMEOUT_S = 90
 VIEW_3D = 2  # index of the 3D view among the page's four view images (quad layout)
 NAMED_CT = "named_synthetic_ct.nii.gz"  # the CT given on the server's command line
 SMALL_CT = "small_ct.nii.gz"  # the download test's CT (only to show that Screen waits)
+DEMO_ADAPTER = "demo_site.safetensors"  # in the folder the server offers adapters from (never screened with)
 
 
 # ---------------------------------------------------------------------- uploads (no browser)
@@ -73,6 +74,70 @@ def test_web_command_refuses_a_missing_volume_in_one_sentence(tmp_path):
                             capture_output=True, text=True, env=_env(tmp_path), timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == f"medalign: error: {tmp_path / 'absent.nii.gz'} does not exist."
+    result = subprocess.run([sys.executable, "-m", "medalign.cli", "web", "--adapter", str(tmp_path),
+                             "--adapter", str(tmp_path / "absent.safetensors")],
+                            capture_output=True, text=True, env=_env(tmp_path), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"medalign: error: {tmp_path / 'absent.safetensors'} does not exist."
+
+
+# ---------------------------------------------------------------------- adapters (no browser)
+def _adapter(path: Path, model: str, sha256: str) -> Path:
+    """An adapter of 'Lung nodule' for ``model`` (random class embeddings of the tiny
+    model's width) written to ``path``."""
+    import torch
+
+    from medalign.inference.adapter import Adapter, save_adapter
+
+    latents = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
+    return save_adapter(Adapter(model=model, model_sha256=sha256, family="medalign", method="vip+kmat", shots=2,
+                                findings=["Lung nodule"], tensors={"class_latents": latents}, registered=True), path)
+
+
+def test_the_adapter_list_offers_none_and_the_server_adapters_that_fit_the_model(tiny_model, tmp_path):
+    """``medalign web --adapter DIR --adapter FILE``: the session lists "none" and the
+    adapters that fit the chosen model, preselects the file named on the command line, passes
+    the chosen one to the run, and refuses one the page was not offered or that does not fit."""
+    pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
+    pytest.importorskip("psutil")
+    from helpers import assert_one_sentence, new_app, synthetic_ct
+
+    from medalign.core.errors import CheckpointError
+    from medalign.models import registry
+    from MedAlignLib.adapter_choices import describe_adapter
+    from MedAlignWeb.session import ScreeningSession
+
+    sha = registry.get(tiny_model).sha256
+    folder = tmp_path / "adapters"
+    own = _adapter(folder / "a_site.safetensors", tiny_model, sha)
+    foreign = _adapter(folder / "b_ctclip.safetensors", "ct-clip", "ab" * 32)
+    (folder / "notes.txt").write_text("not an adapter")
+    single = _adapter(tmp_path / "single.safetensors", tiny_model, sha)
+    session = ScreeningSession(new_app().scene, adapters=[str(folder), str(single)])
+    try:
+        none = {"title": "none", "value": ""}
+        assert session.adapters(tiny_model) == [none, *({"title": describe_adapter(f).label, "value": str(f)}
+                                                       for f in (own, single))]
+        assert session.adapters("medalign-demo") == [none]
+        assert session.default_adapter(tiny_model) == str(single) and session.default_adapter("medalign-demo") == ""
+
+        session.load_volume(synthetic_ct(shape_kji=(24, 40, 40), spacing=(7.0, 7.0, 8.0)), "web CT")
+        elsewhere = _adapter(tmp_path / "elsewhere" / "x.safetensors", tiny_model, sha)
+        with pytest.raises(InputError) as refusal:  # a browser cannot name any other file on the server
+            session.start(tiny_model, ["Lung nodule"], str(elsewhere))
+        assert_one_sentence(refusal.value, "x.safetensors is not one of the adapters this viewer offers")
+        with pytest.raises(CheckpointError) as refusal:
+            session.start(tiny_model, ["Lung nodule"], str(foreign))
+        assert_one_sentence(refusal.value, "trained for model 'ct-clip'", f"not for '{tiny_model}'")
+        assert not session.running
+
+        session.start(tiny_model, ["Lung nodule"], str(own))
+        assert session.running and session.runs.job.command()[-2:] == ["--adapter", str(own)]
+        assert session.cancel()
+        session.start(tiny_model, ["Lung nodule"], "")  # "none"
+        assert "--adapter" not in session.runs.job.command()
+    finally:
+        session.close()
 
 
 # ---------------------------------------------------------------------- the browser
@@ -105,10 +170,12 @@ def server(tmp_path_factory):
     from helpers import synthetic_ct
 
     from medalign.core.volume_io import write_volume
+    from medalign.models import registry
 
     tmp = tmp_path_factory.mktemp("web")
     named_ct = write_volume(synthetic_ct(), tmp / NAMED_CT)  # offered as "CT on the server"
-    yield from _serve(tmp, _env(tmp), [str(named_ct)])
+    _adapter(tmp / "adapters" / DEMO_ADAPTER, "medalign-demo", registry.get("medalign-demo").sha256)
+    yield from _serve(tmp, _env(tmp), [str(named_ct), "--adapter", str(tmp / "adapters")])
 
 
 def _serve(tmp: Path, env: dict[str, str], args: list[str]):
@@ -368,6 +435,15 @@ def test_a_ct_named_on_the_command_line_is_offered_and_loads(page):
     # The scene is the server's (one per app): the name shown changes from the sample's.
     page.wait_for_selector(f"{tid('volume-name')}:has-text('Loaded: named_synthetic_ct')", timeout=60_000)
     assert not page.locator(tid("error")).is_visible()
+
+
+def test_the_adapter_select_offers_none_and_the_servers_adapter_for_the_model(page):
+    page.click(tid("adapter"))
+    items = page.locator(".v-overlay .v-list-item")
+    items.first.wait_for(timeout=20_000)
+    assert [items.nth(i).inner_text().strip() for i in range(items.count())] == [
+        "none", f"{DEMO_ADAPTER} — medalign-demo · vip+kmat · 2 shots · 1 finding"]
+    page.keyboard.press("Escape")
 
 
 def test_cancel_ends_the_screening_process_tree(page, server):

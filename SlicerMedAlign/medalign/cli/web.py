@@ -24,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
     p.add_argument("--max-upload-mb", type=float, default=1024, help="largest accepted upload in MB (default 1024)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="device of the screening runs")
-    p.add_argument("--adapter", default=None, metavar="FILE", help="a medalign adapt file applied to every screening run")
+    p.add_argument("--adapter", action="append", default=[], metavar="FILE|DIR",
+                   help="medalign adapt files the page offers in its adapter list (a folder: its *.safetensors "
+                   "adapters; repeatable); only those fitting the chosen model are listed, and a single file "
+                   "named here is chosen at start")
     p.set_defaults(func=run)
 
 
@@ -33,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from medalign.core.errors import InputError
 
-    missing = [v for v in [*args.volumes, *([args.adapter] if args.adapter else [])] if not Path(v).exists()]
+    missing = [v for v in [*args.volumes, *args.adapter] if not Path(v).exists()]
     if missing:
         raise InputError(f"{missing[0]} does not exist.")
     if args.max_upload_mb <= 0:
@@ -46,4 +49,4 @@ def run(args: argparse.Namespace) -> int:
         raise
     return app.serve(host=args.host, port=args.port, volumes=[str(v) for v in args.volumes],
                      max_upload_mb=args.max_upload_mb, device=args.device,
-                     adapter=str(Path(args.adapter).resolve()) if args.adapter else None)
+                     adapters=[str(Path(a).resolve()) for a in args.adapter])

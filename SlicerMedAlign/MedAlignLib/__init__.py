@@ -5,6 +5,7 @@ Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer`
 (trame-slicer / slicer-core) alike. Heavy engine parts (torch) load on first use.
 """
 
+from .anatomy import ANATOMY_NODE_TYPES, anatomy_for_report, segmentation_from_node
 from .background import BackgroundDownload, BackgroundScreening
 from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
 from .dependencies import REQUIREMENTS, dependency_problems, missing_dependencies, pip_requirements, plan_install
@@ -12,7 +13,7 @@ from .logic import TABLE_COLUMNS, ScreeningLogic, is_medalign_map, register_node
 from .model_choices import ModelChoice, download_question, model_choice, model_choices, needs_download
 from .nodes import node_from_volume, volume_from_node
 from .processes import PopenProcess, end_process_tree
-from .report import describe_location, export_report
+from .report import describe_location, export_report, export_summary
 from .results_view import (
     DisplayController,
     finding_at_view_row,
@@ -23,6 +24,7 @@ from .results_view import (
 from .run_controller import BusyError, RunController, RunOutcome, RunState
 
 __all__ = [
+    "ANATOMY_NODE_TYPES",
     "BackgroundDownload",
     "BackgroundScreening",
     "BusyError",
@@ -36,12 +38,14 @@ __all__ = [
     "RunState",
     "ScreeningLogic",
     "TABLE_COLUMNS",
+    "anatomy_for_report",
     "dependency_problems",
     "describe_location",
     "download_question",
     "end_process_tree",
     "ensure_color_node",
     "export_report",
+    "export_summary",
     "find_color_node",
     "finding_at_view_row",
     "first_screenable_volume",
@@ -57,6 +61,7 @@ __all__ = [
     "pip_requirements",
     "plan_install",
     "register_node_classes",
+    "segmentation_from_node",
     "threshold_value",
     "volume_from_node",
 ]

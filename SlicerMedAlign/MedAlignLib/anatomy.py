@@ -107,8 +107,10 @@ def _from_labelmap_node(node) -> Segmentation:
 
 
 def _color_name(color, value: int) -> str:
-    """The colour table's name for a label, "" for none: out of range, undefined, or made
-    up from the colour ("R=... G=..."; vtkMRMLColorNode.cxx:290-330 at v5.8.1). Undefined is
+    """The colour table's name for a label, "" for none: out of range, undefined, made up
+    from the colour ("R=... G=..."; vtkMRMLColorNode.cxx:290-330 at v5.8.1), or the label's
+    own number (a labelmap loaded in Slicer gets GenericColors.txt, whose names are numbers:
+    vtkSlicerVolumesLogic.cxx:457, vtkSlicerColorLogic.cxx:70-73 at v5.8.1). Undefined is
     the NoName "(none)" up to Slicer 5.8 (vtkMRMLColorNode.h:176, 219-221 at v5.8.1) and
     ``GetColorDefined`` after it, where ``GetNoName`` only warns that it is deprecated."""
     if value < 0 or value >= color.GetNumberOfColors():
@@ -118,6 +120,8 @@ def _color_name(color, value: int) -> str:
     text = color.GetColorName(value) or ""
     undefined = "(none)" if hasattr(color, "GetColorDefined") else color.GetNoName()
     if text in (undefined, "(none)", "invalid") or text.startswith("R="):
+        return ""
+    if text.strip() == str(value):  # Slicer's default labelmap table, GenericColors.txt, names 5 "5"
         return ""
     return label_name(text)
 

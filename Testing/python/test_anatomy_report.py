@@ -189,6 +189,26 @@ def _unnamed_labelmap(scene, ct):
     return node  # no display node, so no colour table: no names
 
 
+def _numbered_labelmap(scene, ct):
+    """Labels named only by their numbers, as Slicer's default labelmap table (GenericColors) names them."""
+    node = _unnamed_labelmap(scene, ct)
+    node.SetName("Numbered")
+    node.CreateDefaultDisplayNodes()
+    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "GenericColors")
+    colors.SetTypeToUser()
+    colors.SetNumberOfColors(10)
+    for value in range(10):
+        colors.SetColor(value, str(value), 0.1 * value, 0.5, 0.5)
+    node.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+    return node
+
+
+def _under_grid_transform(scene, ct_node):
+    seg = _anatomy(scene, ct_node, name="Warped")
+    seg.SetAndObserveTransformNodeID(scene.AddNewNodeByClass("vtkMRMLGridTransformNode").GetID())
+    return seg
+
+
 def _far_away(scene, ct_node):
     return _anatomy(scene, ct_node, name="Elsewhere", segments=(("liver", LIVER_RAS + [0, 0, 900.0]),))
 
@@ -200,6 +220,9 @@ BAD = {
     "unnamed labels": (lambda scene, ct_node, ct: _unnamed_labelmap(scene, ct), ["'Unnamed'", "no names"]),
     "all-zero labelmap": (lambda scene, ct_node, ct: node_from_volume(
         scene, Volume(np.zeros((4, 4, 4), np.int16), np.eye(4)), "zeros", add=False), ["'zeros'"]),
+    "numbered labels": (lambda scene, ct_node, ct: _numbered_labelmap(scene, ct), ["'Numbered'", "no names"]),
+    "non-linear transform": (lambda scene, ct_node, ct: _under_grid_transform(scene, ct_node),
+                             ["'Warped'", "non-linear transform"]),
     "no overlap": (lambda scene, ct_node, ct: _far_away(scene, ct_node), ["'Elsewhere'", "does not overlap"]),
 }
 

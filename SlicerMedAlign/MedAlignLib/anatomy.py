@@ -6,7 +6,7 @@ Two kinds of node carry anatomy in Slicer: a segmentation node (e.g. TotalSegmen
 output; the segment names are the structure names) and a labelmap volume (the names are
 those of its colour table). Both become one labelmap Volume in world RAS plus {label: name}.
 The segmentation is merged with slicer-core's own export code, detached from the scene (no
-node is added, the user's nodes keep their voxels), and its geometry goes through the same
+node is added, the user's nodes are not modified), and its geometry goes through the same
 ``volume_from_node`` as every screened volume.
 """
 
@@ -51,6 +51,7 @@ def _from_segmentation_node(node) -> Segmentation:
     vtkSegmentation::GenerateMergedLabelmap, vtkSegmentation.cxx:1636-1690 at v5.8.1)."""
     from slicer import (
         vtkMRMLLabelMapVolumeNode,
+        vtkMRMLSegmentationNode,
         vtkOrientedImageData,
         vtkSegmentation,
         vtkSegmentationConverter,
@@ -70,16 +71,21 @@ def _from_segmentation_node(node) -> Segmentation:
             names[index + 1] = text
     if not names:
         raise InputError(f"The segments of '{name}' have no names.")
-    # As the Segmentations module's export does (vtkSlicerSegmentationsModuleLogic.cxx:1064-1071
-    # at v5.8.1): a segmentation held as surfaces gets its labelmap representation first.
+    # A segmentation held as surfaces needs its labelmap representation first, as the
+    # Segmentations module's export makes it (vtkSlicerSegmentationsModuleLogic.cxx:1064-1071
+    # at v5.8.1); made on a detached copy here, so the user's node is not modified.
     binary = vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
-    if not segmentation.ContainsRepresentation(binary) and not segmentation.CreateRepresentation(binary):
-        raise InputError(f"The segmentation '{name}' cannot be turned into a labelmap.")
+    source = node
+    if not segmentation.ContainsRepresentation(binary):
+        source = vtkMRMLSegmentationNode()
+        source.GetSegmentation().DeepCopy(segmentation)
+        if not source.GetSegmentation().CreateRepresentation(binary):
+            raise InputError(f"The segmentation '{name}' cannot be turned into a labelmap.")
     merged = vtkOrientedImageData()
     # Static, headless, no node added (vtkSlicerSegmentationsModuleLogic.h:451-452 at v5.8.1);
     # in the segmentation node's own coordinates (its parent transform applied below).
     vtkSlicerSegmentationsModuleLogic.GenerateMergedLabelmapInReferenceGeometry(
-        node, None, ids, vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS, merged)
+        source, None, ids, vtkSegmentation.EXTENT_UNION_OF_EFFECTIVE_SEGMENTS, merged)
     labelmap = vtkMRMLLabelMapVolumeNode()  # detached: the scene gets no node
     # IJK-to-RAS of the exported labelmap: origin moved so the first voxel is IJK 0
     # (CopyOrientedImageDataToVolumeNode's ShiftImageDataExtentToZeroStart, .cxx:364-401).

@@ -121,6 +121,20 @@ def test_parent_transform_of_the_segmentation_moves_its_structures():
     assert engine.structure_at(LIVER_RAS) is None
 
 
+def test_segmentation_held_as_surfaces_is_named_and_left_as_it_was():
+    scene, ct_node, _ct = _scene()
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Surfaces")
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(ct_node)
+    seg.SetSourceRepresentationToClosedSurface()
+    sphere = vtk.vtkSphereSource()
+    sphere.SetCenter(*LIVER_RAS)
+    sphere.SetRadius(12.0)
+    sphere.Update()
+    seg.AddSegmentFromClosedSurfaceRepresentation(sphere.GetOutput(), "liver")
+    assert segmentation_from_node(seg).structure_at(LIVER_RAS) == ("liver", 0.0)
+    assert not seg.GetSegmentation().ContainsRepresentation("Binary labelmap")  # converted on a copy
+
+
 def test_labelmap_volume_names_come_from_its_colour_table(tmp_path):
     from slicer import vtkMRMLColorTableNode, vtkMRMLLabelMapVolumeNode
 

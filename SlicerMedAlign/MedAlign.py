@@ -6,16 +6,17 @@ installed on first use, after one confirmation, never at import.
 """
 
 import importlib
+import json
 import logging
 import os
 import tempfile
 import time
-from typing import Annotated
+from typing import Annotated, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLScalarVolumeNode, vtkMRMLTableNode
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
 from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
@@ -58,7 +59,9 @@ model's held-out AUC for the finding (below 0.7 it reads "near chance" and is ne
 flagged); click a row to overlay that finding's local alignment map (where the image
 matches the finding's description), turn its hotspot into a segment, or export a
 structured report. An optional few-shot <i>adapter</i> (from <code>medalign adapt</code>) for the
-chosen model can be picked under the model.<br><br>
+chosen model can be picked under the model. With an <b>Anatomy</b> segmentation of the scan (e.g. TotalSegmentator's,
+or found automatically when exactly one was made for the CT) the report names the structure
+under each hotspot.<br><br>
 <b>The embedded model <i>medalign-demo</i> was trained on synthetic CT phantoms: it is a
 demonstration, not a clinical tool.</b> Research use only; not for clinical decisions.
 From the Python console: <code>slicer.util.getModuleLogic("MedAlign").screen(volumeNode,
@@ -95,6 +98,11 @@ class MedAlignParameterNode:
     threshold: Annotated[float, WithinRange(0.0, 1.0), Default(0.5)]
     resultTable: vtkMRMLTableNode
     shownFinding: str
+    # The report's anatomy (None: the export picks the one segmentation made for the CT).
+    # typing.Union with None, not "|": the wrapper takes node unions only as typing.Union
+    # (parameterNodeWrapper/util.py:56-73 at v5.8.1, "the None is necessary"); the combo
+    # box connector sets its nodeTypes from these (guiConnectors.py:676-706, util.py:78-95).
+    anatomy: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]  # noqa: UP007
 
 
 #
@@ -525,8 +533,10 @@ class MedAlignWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay("Could not export the report.", waitCursor=True):
-            out = self.logic.export(p.resultTable, folder)
-            self.ui.statusLabel.text = f"Report written to {out}."
+            # A bad anatomy segmentation is no error: the report says why it was not used,
+            # and so does the status line (read back from the written report).
+            out = self.logic.export(p.resultTable, folder, segmentation=p.anatomy)
+            self.ui.statusLabel.text = MedAlignLib.export_summary(out)
 
 
 #
@@ -656,8 +666,12 @@ class MedAlignLogic(ScriptedLoadableModuleLogic):
     def hotspotToSegment(self, finding, segmentationNode=None, threshold=None, table=None):
         return self.lib.hotspot_to_segment(finding, segmentationNode=segmentationNode, table=table, threshold=threshold)
 
-    def export(self, resultOrTable, outDir):
-        return self.lib.export(resultOrTable if resultOrTable is not None else self.lib.last_table, outDir)
+    def export(self, resultOrTable, outDir, segmentation=None):
+        """Structured report, results and maps into ``outDir``; ``segmentation`` (a
+        segmentation or labelmap volume node) names the structure under each hotspot, None
+        picks the one segmentation made for the screened CT, if there is exactly one."""
+        table = resultOrTable if resultOrTable is not None else self.lib.last_table
+        return self.lib.export(table, outDir, segmentation=segmentation)
 
 
 #
@@ -808,5 +822,13 @@ class MedAlignTest(ScriptedLoadableModuleTest):
         self.assertEqual(segmentation.GetSegmentation().GetSegment(segmentId).GetName(), "Lung nodule")
         outDir = os.path.join(slicer.app.temporaryPath, "MedAlignTestExport")
         logic.export(table, outDir)
-        self.assertTrue(os.path.isfile(os.path.join(outDir, "report.json")))
+        with open(os.path.join(outDir, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+        # MedAlign's own hotspot segments are no anatomy: no automatic pick
+        self.assertEqual(report["anatomy_source"], "relative position in the scan")
+        logic.export(table, outDir, segmentation=segmentation)  # chosen, it is used
+        with open(os.path.join(outDir, "report.json"), encoding="utf-8") as f:
+            report = json.load(f)
+        self.assertEqual(report["anatomy_source"], f"segmentation '{segmentation.GetName()}'")
+        self.assertIsNone(report["anatomy_note"])
         self.delayDisplay("Test passed")

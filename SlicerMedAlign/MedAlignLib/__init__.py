@@ -6,6 +6,7 @@ Imports only what slicer-core also provides (``vtkMRML*`` classes from ``slicer`
 """
 
 from .adapter_choices import AdapterChoice, adapter_problem, adapter_status, adapters_for_model, describe_adapter
+from .anatomy import ANATOMY_NODE_TYPES, anatomy_for_report, segmentation_from_node
 from .background import BackgroundDownload, BackgroundScreening
 from .colors import COLOR_NODE_NAME, ensure_color_node, find_color_node, inferno_rgb
 from .dependencies import REQUIREMENTS, dependency_problems, missing_dependencies, pip_requirements, plan_install
@@ -13,7 +14,7 @@ from .logic import TABLE_COLUMNS, ScreeningLogic, is_medalign_map, register_node
 from .model_choices import ModelChoice, download_question, model_choice, model_choices, needs_download
 from .nodes import node_from_volume, volume_from_node
 from .processes import PopenProcess, end_process_tree
-from .report import describe_location, export_report
+from .report import describe_location, export_report, export_summary
 from .results_view import (
     DisplayController,
     finding_at_view_row,
@@ -25,6 +26,7 @@ from .run_controller import BusyError, RunController, RunOutcome, RunState
 
 __all__ = [
     "AdapterChoice",
+    "ANATOMY_NODE_TYPES",
     "BackgroundDownload",
     "BackgroundScreening",
     "BusyError",
@@ -41,6 +43,7 @@ __all__ = [
     "adapter_problem",
     "adapter_status",
     "adapters_for_model",
+    "anatomy_for_report",
     "dependency_problems",
     "describe_adapter",
     "describe_location",
@@ -48,6 +51,7 @@ __all__ = [
     "end_process_tree",
     "ensure_color_node",
     "export_report",
+    "export_summary",
     "find_color_node",
     "finding_at_view_row",
     "first_screenable_volume",
@@ -63,6 +67,7 @@ __all__ = [
     "pip_requirements",
     "plan_install",
     "register_node_classes",
+    "segmentation_from_node",
     "threshold_value",
     "volume_from_node",
 ]

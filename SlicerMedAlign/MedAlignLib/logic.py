@@ -410,12 +410,52 @@ class ScreeningLogic:
             sh.CreateItem(parent, node)
 
     # ------------------------------------------------------------------ export
-    def export(self, result_or_table, out_dir: str | Path) -> Path:
-        """Write the structured report (report.json, report.csv) plus results and maps."""
+    def export(self, result_or_table, out_dir: str | Path, segmentation=None) -> Path:
+        """Write the structured report (report.json/csv/html) plus results and maps.
+
+        ``segmentation`` (a segmentation or labelmap volume node, or an engine
+        ``Segmentation``) names the structure under each hotspot; None picks the one the
+        scene makes obvious (``obvious_anatomy``). The report says which was used; a bad
+        one (empty, unnamed, elsewhere) is one sentence in it (``anatomy_note``), never an
+        error, and locations fall back to positions relative to the scan.
+        """
+        from .anatomy import anatomy_for_report
         from .report import export_report
 
-        result = result_or_table if hasattr(result_or_table, "findings") else self.result_from_table(result_or_table)
-        return export_report(result, out_dir)
+        is_result = hasattr(result_or_table, "findings")
+        table = None if is_result else self._table(result_or_table)
+        result = result_or_table if is_result else self.result_from_table(table)
+        note = None
+        if segmentation is None:
+            segmentation, note = self.obvious_anatomy(self._input_of(result, table))
+        anatomy, problem = anatomy_for_report(segmentation, result)
+        return export_report(result, out_dir, anatomy, problem or note)
+
+    def obvious_anatomy(self, input_node) -> tuple[Any, str | None]:
+        """(The segmentation node made for ``input_node``, or None; a sentence when the
+        choice is not obvious). Made for it: its reference geometry is that volume, as
+        Segment Editor and TotalSegmentator set it; MedAlign's own hotspot segments are no
+        anatomy. Two or more such: none is picked, the sentence says so."""
+        if input_node is None:
+            return None, None
+        from slicer import vtkMRMLSegmentationNode
+
+        role = vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+        found = [node for node in nodes_of_class(self.scene, "vtkMRMLSegmentationNode")
+                 if node.GetAttribute(ROLE) != "segmentation" and node.GetNodeReferenceID(role) == input_node.GetID()]
+        if len(found) > 1:
+            listed = ", ".join(f"'{node.GetName()}'" for node in found)
+            return None, (f"Segmentations {listed} all belong to '{input_node.GetName()}'; choose one as Anatomy "
+                          "to name structures, locations are given relative to the scan instead.")
+        return (found[0] if found else None), None
+
+    def _input_of(self, result: ScreeningResult, table=None):
+        """The screened volume node: the table's input reference, else the node id the
+        in-process screening recorded in the result (None when it is gone)."""
+        if table is not None:
+            return table.GetNodeReference(REF_INPUT)
+        node_id = result.input.get("node_id") if isinstance(result.input, dict) else None
+        return self.scene.GetNodeByID(node_id) if node_id else None
 
 
 # ---------------------------------------------------------------------- helpers

@@ -21,6 +21,7 @@ __all__ = [
     "matrix_to_numpy",
     "numpy_to_matrix",
     "ijk_to_ras_of",
+    "to_world_of",
     "image_data_from_array",
 ]
 
@@ -42,16 +43,23 @@ def ijk_to_ras_of(node, world: bool = True) -> np.ndarray:
     matrix = vtk.vtkMatrix4x4()
     node.GetIJKToRASMatrix(matrix)
     ijk_to_ras = matrix_to_numpy(matrix)
-    parent = node.GetParentTransformNode() if world else None
-    if parent is not None:
-        if not parent.IsTransformToWorldLinear():
-            raise InputError(
-                f"The volume '{node.GetName()}' is under a non-linear transform; harden the transform before screening."
-            )
-        to_world = vtk.vtkMatrix4x4()
-        parent.GetMatrixTransformToWorld(to_world)
-        ijk_to_ras = matrix_to_numpy(to_world) @ ijk_to_ras
-    return ijk_to_ras
+    return to_world_of(node) @ ijk_to_ras if world else ijk_to_ras
+
+
+def to_world_of(node) -> np.ndarray:
+    """4x4 from a transformable node's own coordinates to world RAS (identity without a
+    parent transform); a non-linear parent transform is refused, as screening refuses it."""
+    parent = node.GetParentTransformNode()
+    if parent is None:
+        return np.eye(4)
+    if not parent.IsTransformToWorldLinear():
+        kind = "segmentation" if node.IsA("vtkMRMLSegmentationNode") else "volume"
+        raise InputError(
+            f"The {kind} '{node.GetName()}' is under a non-linear transform; harden the transform before using it."
+        )
+    to_world = vtk.vtkMatrix4x4()
+    parent.GetMatrixTransformToWorld(to_world)
+    return matrix_to_numpy(to_world)
 
 
 def _engine_dtype(array: np.ndarray) -> np.ndarray:

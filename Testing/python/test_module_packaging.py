@@ -457,3 +457,27 @@ if __name__ == "__main__":
         print(f"wrote {MODULE_CMAKE}")
     else:
         print(render_module_cmake())
+
+
+def test_anatomy_selector_offers_what_the_parameter_node_and_the_export_take():
+    """The "Anatomy (optional)" combo box: the node types ``MedAlignLib.anatomy`` converts, the
+    same union in the parameter node (typing.Union with None: parameterNodeWrapper/util.py:56-95
+    at v5.8.1), None allowed (the export's automatic pick), and a scene like every node selector."""
+    import xml.etree.ElementTree as ET
+
+    from MedAlignLib.anatomy import ANATOMY_NODE_TYPES
+
+    root = ET.parse(MODULE_DIR / "Resources" / "UI" / "MedAlign.ui").getroot()
+    widget = next(w for w in root.iter("widget") if w.get("name") == "anatomySelector")
+    assert widget.get("class") == "qMRMLNodeComboBox"
+    props = {p.get("name"): p for p in widget.findall("property")}
+    assert tuple(s.text for s in props["nodeTypes"].iter("string")) == ANATOMY_NODE_TYPES
+    assert props["noneEnabled"].find("bool").text == "true" and props["SlicerParameterName"].find("string").text == "anatomy"
+    wrapper = next(n for n in ast.walk(_module_tree()) if isinstance(n, ast.ClassDef) and n.name == "MedAlignParameterNode")
+    annotation = next(ast.unparse(n.annotation) for n in wrapper.body if isinstance(n, ast.AnnAssign) and n.target.id == "anatomy")
+    assert annotation == f"Union[{', '.join(ANATOMY_NODE_TYPES)}, None]"
+    selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    with_scene = {c.findtext("receiver") for c in root.iter("connection") if c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"}
+    assert selectors <= with_scene, f"node selectors never given the scene: {selectors - with_scene}"
+    source = (MODULE_DIR / "MedAlign.py").read_text(encoding="utf-8")
+    assert "segmentation=p.anatomy" in source

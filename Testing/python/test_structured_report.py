@@ -77,7 +77,7 @@ def test_cli_screen_report_with_segmentation(tiny_model, tmp_path, capsys):
             "--segmentation-labels", str(tmp_path / "labels.txt")]
     assert main(args + ["--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["anatomy_source"] == "segmentation"
+    assert report["anatomy_source"] == "segmentation 'seg.nii.gz'" and report["anatomy_note"] is None
     # the tiny random model may map no hotspot; any it maps lies in the labelled body
     assert [f["finding"] for f in report["findings"]] and all(
         "soft tissue body" in f["observations"]["location"] for f in report["findings"] if f["observations"])

@@ -88,7 +88,8 @@ def _segmentation(args: argparse.Namespace):
     from medalign.core.volume_io import read_volume
     from medalign.inference.report import Segmentation, read_label_names
 
-    return Segmentation(read_volume(args.segmentation), read_label_names(args.segmentation_labels))
+    return Segmentation(read_volume(args.segmentation), read_label_names(args.segmentation_labels),
+                        source=f"segmentation '{args.segmentation.name}'")
 
 
 def _screen(args: argparse.Namespace, out: Path):

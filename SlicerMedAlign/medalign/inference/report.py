@@ -38,10 +38,12 @@ REPORT_CSV_COLUMNS = [
 
 @dataclass
 class Segmentation:
-    """A labelmap on any grid (voxel value = label) and the names of its labels."""
+    """A labelmap on any grid (voxel value = label) and the names of its labels; ``source``
+    says where it came from (e.g. "segmentation 'TotalSegmentator'"), for the report."""
 
     labelmap: Volume
     names: dict[int, str]
+    source: str = "segmentation"
 
     def structure_at(self, ras: tuple[float, float, float] | np.ndarray) -> tuple[str, float] | None:
         """(name, distance in mm) of the labelled structure at ``ras``, or of the nearest
@@ -65,6 +67,12 @@ class Segmentation:
         return self.names[int(box[kk[best], jj[best], ii[best]])], float(d[best])
 
 
+def label_name(text: str) -> str:
+    """A label's name as the report writes it: TotalSegmentator's "lung_upper_lobe_left"
+    reads "lung upper lobe left" (label tables and Slicer segment names alike)."""
+    return " ".join(text.replace("_", " ").split())
+
+
 def read_label_names(path: str | Path) -> dict[int, str]:
     """Label names from a text table: one "value name [...]" per line (a Slicer colour
     table .txt/.ctbl, or TotalSegmentator's "id name" list); comments (#) skipped.
@@ -81,7 +89,7 @@ def read_label_names(path: str | Path) -> dict[int, str]:
         if not parts or parts[0].startswith("#") or not parts[0].isdigit() or len(parts) < 2:
             continue
         if int(parts[0]) != 0:
-            names[int(parts[0])] = parts[1].replace("_", " ")
+            names[int(parts[0])] = label_name(parts[1])
     if not names:
         raise InputError(f"The label table {path} names no label (expected lines like '5 liver').")
     return names
@@ -154,7 +162,10 @@ def finding_report(finding: FindingResult, map_file: str | None = None,
     }
 
 
-def report_dict(result: ScreeningResult, segmentation: Segmentation | None = None) -> dict[str, Any]:
+def report_dict(result: ScreeningResult, segmentation: Segmentation | None = None,
+                anatomy_note: str | None = None) -> dict[str, Any]:
+    """The whole report (JSON-able); ``anatomy_note`` is one sentence on the anatomy used,
+    e.g. why an offered segmentation was not (it does not overlap the scan)."""
     files = result.map_files()
     return {
         "model": result.model,
@@ -162,7 +173,8 @@ def report_dict(result: ScreeningResult, segmentation: Segmentation | None = Non
         "disclaimer": result.disclaimer,
         "warnings": list(result.warnings),
         "input": result.input,
-        "anatomy_source": "segmentation" if segmentation is not None else "relative position in the scan",
+        "anatomy_source": segmentation.source if segmentation is not None else "relative position in the scan",
+        "anatomy_note": anatomy_note,
         "findings": [finding_report(f, files.get(f.name), segmentation) for f in result.ranked()],
     }
 
@@ -200,7 +212,8 @@ def report_html(report: dict[str, Any]) -> str:
             f"<dt>Observations</dt><dd>{('map peaks ' + where) if ob else 'the map has no hotspot'}</dd>"
             f"<dt>Verdict</dt><dd>{e(f['verdict'])}: probability {f['probability']:.3f} "
             f"(uncertainty {f['uncertainty']:.3f} bits)</dd></dl></section>")
-    warnings = "".join(f"<p class=w>{e(w)}</p>" for w in report["warnings"])
+    notes = list(report["warnings"]) + ([report["anatomy_note"]] if report.get("anatomy_note") else [])
+    warnings = "".join(f"<p class=w>{e(w)}</p>" for w in notes)
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>MedAlign screening report</title>"
             "<style>body{font:14px sans-serif;max-width:52em;margin:2em auto}section{border-top:1px solid #ccc}"
             "dt{font-weight:bold}.w{color:#a40}</style></head><body>"
@@ -209,13 +222,14 @@ def report_html(report: dict[str, Any]) -> str:
             f"<p><em>{e(report['disclaimer'] or '')}</em></p></body></html>\n")
 
 
-def write_report(result: ScreeningResult, out_dir: str | Path, segmentation: Segmentation | None = None) -> dict[str, Any]:
+def write_report(result: ScreeningResult, out_dir: str | Path, segmentation: Segmentation | None = None,
+                 anatomy_note: str | None = None) -> dict[str, Any]:
     """report.json, report.csv and report.html into ``out_dir`` (atomically); the results
     and maps themselves are ``ScreeningResult.write``'s."""
     from medalign.core.atomic import write_text
 
     out = Path(out_dir)
-    report = report_dict(result, segmentation)
+    report = report_dict(result, segmentation, anatomy_note)
     write_text(out / REPORT_CSV, report_csv(report))
     write_text(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     write_text(out / REPORT_HTML, report_html(report))

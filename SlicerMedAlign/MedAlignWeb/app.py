@@ -287,7 +287,10 @@ class WebViewer(TrameApp):
                 if viewer.session.running and (client_id == owner or (owner is None and not viewer._clients)):
                     what = "download" if viewer.session.downloading else "screening"
                     logger.info("the browser that started the %s left: cancelling it", what)
-                    viewer.session.cancel(f"The browser that started the {what} left; it was cancelled.")
+                    # Flushed here: a change left pending would make the next browser's run
+                    # set busy=True equal to the last value pushed, so it would never be sent.
+                    with viewer.state:
+                        viewer.session.cancel(f"The browser that started the {what} left; it was cancelled.")
 
         protocol.registerLinkProtocol(_Connections())
 

@@ -409,12 +409,17 @@ def test_screen_the_sample_and_overlay_a_finding(page, server, tmp_path, capsys)
     page.screenshot(path=os.environ.get("MEDALIGN_WEB_SCREENSHOT") or str(tmp_path / "web_viewer.png"))
 
 
-def test_results_table_shows_every_column_inside_the_panel(page):
+def test_results_table_shows_every_column_inside_the_panel(page, server):
     """Issue 26 gap: in a 1500x900 window the held-out AUC column was cut off."""
     load_sample(page)
     ask_for(page, FINDINGS)
     page.click(tid("screen"))
-    page.wait_for_selector(tid("result-row"), timeout=180_000)
+    # The scene is shared: the rows of an earlier test are on the page already, so wait
+    # for this run's child to come and go (a browser leaving mid-run would cancel it).
+    wait_for(lambda: screenings(server), 30, "the screening child")
+    wait_for(lambda: not screenings(server), 180, "the screening to end")
+    page.wait_for_selector(f"{tid('screen')}:enabled", timeout=30_000)
+    page.wait_for_selector(tid("result-row"), timeout=30_000)
     panel = page.locator("nav.v-navigation-drawer").bounding_box()
     table = page.locator(f"{tid('results')} table").bounding_box()
     auc = page.locator(tid("column-auc"))
@@ -495,6 +500,17 @@ def test_a_browser_leaving_mid_run_cancels_only_its_own_run(page, server, browse
     page.context.close()  # the browser that pressed Screen leaves: its run's process tree ends
     wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in tree), 30, "the child to end")
     assert screenings(server) == [] and server[1].is_running()
+    # The next browser's run shows as running (the cancel on leaving was pushed, not left
+    # pending: a pending busy=False made the next busy=True look unchanged and unsent).
+    later = browser.new_context().new_page()
+    later.goto(server[0])
+    later.wait_for_selector(f"{tid('screen')}:enabled", timeout=60_000)
+    later.click(tid("screen"))
+    hold(wait_for(lambda: screenings(server), 30, "the next screening child"))
+    later.wait_for_selector(f"{tid('cancel')}:visible", timeout=30_000)
+    later.click(tid("cancel"))
+    later.wait_for_selector(f"{tid('status')}:has-text('cancelled')", timeout=30_000)
+    later.context.close()
 
 
 # ---------------------------------------------------------------------- download on first use

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -90,8 +91,19 @@ def reference_python() -> Path:
     return _python(env_dir)
 
 
+def _remove_leftover(env_dir: Path) -> None:
+    """Clear whatever an earlier, unfinished set-up left at ``env_dir``: a half-made
+    environment, a file, or a symlink whose target is gone (``venv --clear`` trips over
+    a dangling link with "File exists", since it only clears paths that resolve)."""
+    if env_dir.is_symlink() or env_dir.is_file():
+        env_dir.unlink()
+    elif env_dir.is_dir():
+        shutil.rmtree(env_dir)
+
+
 def _create(env_dir: Path) -> None:
-    subprocess.run([sys.executable, "-m", "venv", "--clear", "--system-site-packages", str(env_dir)], check=True)
+    _remove_leftover(env_dir)
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)], check=True)
     torch_pin = f"torch=={_wanted()['torch']}"  # keep the system's torch; never pull another
     install = [str(_python(env_dir)), "-m", "pip", "install", "-q", *PACKAGES.values(), torch_pin]
     done = subprocess.run(install, capture_output=True, text=True)

@@ -83,3 +83,15 @@ def assert_one_sentence(err: BaseException, *must_name: str) -> str:
     for name in must_name:
         assert name in msg, f"{name!r} not named in: {msg}"
     return msg
+
+
+def lung_nodule_adapter(path: Path, model: str, sha256: str, shots: int = 2) -> Path:
+    """A ``medalign adapt`` file of 'Lung nodule' for ``model`` (fixed random class
+    embeddings of the tiny model's width, tied to weights ``sha256``) written to ``path``."""
+    import torch
+
+    from medalign.inference.adapter import Adapter, save_adapter
+
+    latents = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
+    return save_adapter(Adapter(model=model, model_sha256=sha256, family="medalign", method="vip+kmat", shots=shots,
+                                findings=["Lung nodule"], tensors={"class_latents": latents}, registered=True), path)

@@ -82,25 +82,13 @@ def test_web_command_refuses_a_missing_volume_in_one_sentence(tmp_path):
 
 
 # ---------------------------------------------------------------------- adapters (no browser)
-def _adapter(path: Path, model: str, sha256: str) -> Path:
-    """An adapter of 'Lung nodule' for ``model`` (random class embeddings of the tiny
-    model's width) written to ``path``."""
-    import torch
-
-    from medalign.inference.adapter import Adapter, save_adapter
-
-    latents = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
-    return save_adapter(Adapter(model=model, model_sha256=sha256, family="medalign", method="vip+kmat", shots=2,
-                                findings=["Lung nodule"], tensors={"class_latents": latents}, registered=True), path)
-
-
 def test_the_adapter_list_offers_none_and_the_server_adapters_that_fit_the_model(tiny_model, tmp_path):
     """``medalign web --adapter DIR --adapter FILE``: the session lists "none" and the
     adapters that fit the chosen model, preselects the file named on the command line, passes
     the chosen one to the run, and refuses one the page was not offered or that does not fit."""
     pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
     pytest.importorskip("psutil")
-    from helpers import assert_one_sentence, new_app, synthetic_ct
+    from helpers import assert_one_sentence, lung_nodule_adapter, new_app, synthetic_ct
 
     from medalign.core.errors import CheckpointError
     from medalign.models import registry
@@ -109,10 +97,10 @@ def test_the_adapter_list_offers_none_and_the_server_adapters_that_fit_the_model
 
     sha = registry.get(tiny_model).sha256
     folder = tmp_path / "adapters"
-    own = _adapter(folder / "a_site.safetensors", tiny_model, sha)
-    foreign = _adapter(folder / "b_ctclip.safetensors", "ct-clip", "ab" * 32)
+    own = lung_nodule_adapter(folder / "a_site.safetensors", tiny_model, sha)
+    foreign = lung_nodule_adapter(folder / "b_ctclip.safetensors", "ct-clip", "ab" * 32)
     (folder / "notes.txt").write_text("not an adapter")
-    single = _adapter(tmp_path / "single.safetensors", tiny_model, sha)
+    single = lung_nodule_adapter(tmp_path / "single.safetensors", tiny_model, sha)
     session = ScreeningSession(new_app().scene, adapters=[str(folder), str(single)])
     try:
         none = {"title": "none", "value": ""}
@@ -122,7 +110,7 @@ def test_the_adapter_list_offers_none_and_the_server_adapters_that_fit_the_model
         assert session.default_adapter(tiny_model) == str(single) and session.default_adapter("medalign-demo") == ""
 
         session.load_volume(synthetic_ct(shape_kji=(24, 40, 40), spacing=(7.0, 7.0, 8.0)), "web CT")
-        elsewhere = _adapter(tmp_path / "elsewhere" / "x.safetensors", tiny_model, sha)
+        elsewhere = lung_nodule_adapter(tmp_path / "elsewhere" / "x.safetensors", tiny_model, sha)
         with pytest.raises(InputError) as refusal:  # a browser cannot name any other file on the server
             session.start(tiny_model, ["Lung nodule"], str(elsewhere))
         assert_one_sentence(refusal.value, "x.safetensors is not one of the adapters this viewer offers")
@@ -167,14 +155,14 @@ def _needs_a_browser():
 def server(tmp_path_factory):
     """``medalign web`` on a free port, as a child process; yields (url, psutil.Process)."""
     _needs_a_browser()
-    from helpers import synthetic_ct
+    from helpers import lung_nodule_adapter, synthetic_ct
 
     from medalign.core.volume_io import write_volume
     from medalign.models import registry
 
     tmp = tmp_path_factory.mktemp("web")
     named_ct = write_volume(synthetic_ct(), tmp / NAMED_CT)  # offered as "CT on the server"
-    _adapter(tmp / "adapters" / DEMO_ADAPTER, "medalign-demo", registry.get("medalign-demo").sha256)
+    lung_nodule_adapter(tmp / "adapters" / DEMO_ADAPTER, "medalign-demo", registry.get("medalign-demo").sha256)
     yield from _serve(tmp, _env(tmp), [str(named_ct), "--adapter", str(tmp / "adapters")])
 
 

@@ -644,12 +644,14 @@ class MedAlignLogic(ScriptedLoadableModuleLogic):
         return out
 
     # ------------------------------------------------------------------ work
-    def screen(self, volumeNode, findings=None, model=None, device: str = "auto", progress=None, cancel=None):
-        """Screen ``volumeNode`` in this process; creates the same nodes as the Screen button."""
+    def screen(self, volumeNode, findings=None, model=None, device: str = "auto", progress=None, cancel=None,
+               adapter=None):
+        """Screen ``volumeNode`` in this process; creates the same nodes as the Screen button.
+        ``adapter``: a ``medalign adapt`` file, as the panel's Adapter row."""
         if not self.installDependencies(askConfirmation=True):
             raise MedAlignError("MedAlign needs its Python packages; they were not installed.")
         return self.lib.screen(volumeNode, findings=findings, model=model, device=device, progress=progress,
-                               cancel=cancel)
+                               cancel=cancel, adapter=adapter)
 
     def resultTableNode(self):
         """Results table of the latest run (None before any)."""

@@ -196,6 +196,8 @@ class BackgroundScreening(BackgroundJob):
             params = {"device": self.device}
             if self.model:
                 params["model"] = self.model
+            if self.adapter:
+                params["adapter"] = str(self.adapter)
             return logic.load_results(self.out_dir, self.volume_node, parameters=params)
         finally:
             self.cleanup()

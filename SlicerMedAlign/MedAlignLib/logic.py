@@ -65,11 +65,14 @@ class ScreeningLogic:
         device: str = "auto",
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
+        adapter: str | Path | None = None,
     ) -> ScreeningResult:
         """Screen ``volumeNode`` in this process and add the result nodes (see ``add_result``).
 
         The node is copied before the engine sees it, so it is never modified. Raises
-        ``CancelledError`` (scene unchanged) when ``cancel()`` returns True.
+        ``CancelledError`` (scene unchanged) when ``cancel()`` returns True. ``adapter``: a
+        ``medalign adapt`` file, as the panel's Adapter row (its model when ``model`` is not
+        given; one trained for other weights is refused in one sentence before any work).
         """
         from medalign.inference.screener import screen as engine_screen
 
@@ -78,12 +81,15 @@ class ScreeningLogic:
                 f"'{volumeNode.GetName()}' is a MedAlign alignment map, not a CT; pick the CT it was computed from."
             )
         volume = volume_from_node(volumeNode)
-        result = engine_screen(volume, findings=findings, model=model, device=device, progress=progress, cancel=cancel)
+        result = engine_screen(volume, findings=findings, model=model, device=device, progress=progress, cancel=cancel,
+                               adapter=adapter or None)
         parameters = {
             "model": result.model,
             "findings": [f.name for f in result.findings],
             "device": device,
         }
+        if adapter:
+            parameters["adapter"] = str(adapter)
         self.add_result(result, volumeNode, parameters=parameters, cancel=cancel)
         return result
 

@@ -22,7 +22,7 @@ slicer = pytest.importorskip("slicer", reason="needs slicer-core (pip install 't
 pytest.importorskip("trame_slicer", reason="needs trame-slicer (pip install 'trame-slicer[standalone]')")
 psutil = pytest.importorskip("psutil", reason="needs psutil (a dependency of the Slicer module)")
 
-from helpers import assert_one_sentence, synthetic_ct, tiny_checkpoint  # noqa: E402
+from helpers import assert_one_sentence, lung_nodule_adapter, synthetic_ct, tiny_checkpoint  # noqa: E402
 from test_hub import WEIGHTS  # noqa: E402
 from test_hub import local_hub as local_hub  # noqa: E402,F401 - the Hub stand-in fixture, shared with test_hub
 
@@ -309,34 +309,26 @@ def test_crashing_child_is_one_sentence_with_its_stderr_tail(scene_node, tmp_pat
 
 
 # ---------------------------------------------------------------------- few-shot adapter
-def _adapter_for(tmp_path: Path, model: str, sha256: str) -> Path:
-    """An adapter of 'Lung nodule' for registry model ``model`` (random class embeddings)."""
-    import torch
-
-    from medalign.inference.adapter import Adapter, save_adapter
-
-    latents = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
-    adapter = Adapter(model=model, model_sha256=sha256, family="medalign", method="vip+kmat", shots=1,
-                      findings=["Lung nodule"], tensors={"class_latents": latents}, registered=True)
-    return save_adapter(adapter, tmp_path / f"{sha256[:6]}.safetensors")
-
-
 def test_the_panels_adapter_reaches_the_child_and_a_foreign_one_is_refused_in_one_sentence(
         scene_node, tmp_path, registered_tiny):
+    import json
+
     from medalign.inference.screener import Screener
     from medalign.models import registry
+    from MedAlignLib.logic import PARAMETERS_JSON
     from MedAlignLib.nodes import volume_from_node
 
     scene, node = scene_node
     logic, panel = ScreeningLogic(scene), Panel()
     controller = panel.controller(logic, python=launcher(tmp_path))
-    path = _adapter_for(tmp_path, registered_tiny, registry.get(registered_tiny).sha256)
+    path = lung_nodule_adapter(tmp_path / "site.safetensors", registered_tiny, registry.get(registered_tiny).sha256, shots=1)
     controller.start(node, FINDINGS, model=registered_tiny, device="cpu", adapter=str(path))
     assert controller.job.command()[-2:] == ["--adapter", str(path)]
     assert controller.wait(240)
     (outcome,) = panel.outcomes
     assert outcome.status == "done", outcome.message
     shown = logic.result_from_table(outcome.table, load_maps=False)
+    assert json.loads(outcome.table.GetAttribute(PARAMETERS_JSON))["adapter"] == str(path)  # the table says which
     volume = volume_from_node(node)
     expected = Screener(model=registered_tiny, findings=FINDINGS, device="cpu", adapter=path)(volume, with_maps=False)
     plain = Screener(model=registered_tiny, findings=FINDINGS, device="cpu")(volume, with_maps=False)
@@ -344,7 +336,8 @@ def test_the_panels_adapter_reaches_the_child_and_a_foreign_one_is_refused_in_on
         assert shown.finding(name).probability == pytest.approx(expected.finding(name).probability, abs=1e-4)
     assert shown.finding("Lung nodule").probability != pytest.approx(plain.finding("Lung nodule").probability, abs=1e-3)
 
-    foreign = _adapter_for(tmp_path, "ct-clip", "ab" * 32)  # refused from its header: no child, no work folder
+    # refused from its header: no child, no work folder
+    foreign = lung_nodule_adapter(tmp_path / "ctclip.safetensors", "ct-clip", "ab" * 32, shots=1)
     before = node_ids(scene)
     with pytest.raises(CheckpointError) as refusal:
         controller.start(node, FINDINGS, model=registered_tiny, device="cpu", adapter=str(foreign))
@@ -362,8 +355,8 @@ def test_adapter_choices_describe_a_file_from_its_header_and_say_when_it_does_no
     from medalign.models.calibration import Calibration, FindingCalibration
     from MedAlignLib.adapter_choices import NO_ADAPTER, adapter_status, adapters_for_model, describe_adapter
 
-    own = _adapter_for(tmp_path, registered_tiny, registry.get(registered_tiny).sha256)
-    foreign = _adapter_for(tmp_path, "ct-clip", "ab" * 32)
+    own = lung_nodule_adapter(tmp_path / "site.safetensors", registered_tiny, registry.get(registered_tiny).sha256, shots=1)
+    foreign = lung_nodule_adapter(tmp_path / "ctclip.safetensors", "ct-clip", "ab" * 32, shots=1)
     choice = describe_adapter(own)
     assert choice.label == f"{own.name} — tiny · vip+kmat · 1 shot · 1 finding"
     assert choice.description == "Adapter for tiny (vip+kmat, 1 shot, no calibration of its own): Lung nodule."

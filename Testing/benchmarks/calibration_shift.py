@@ -30,6 +30,14 @@ Measured (120 + 120 phantoms, tta=0, two shared CPU cores, 25 min):
 
 ECE of perfectly calibrated probabilities on these 120 test cases (labels redrawn from
 the Platt probabilities, 200 draws): macro 0.048 (95 % quantile 0.055), pooled 0.016.
+
+Measured again with more cases (``--n-cal 300 --n-test 400``, tta=0, two CPU cores, 9.4 min),
+where the macro ECE's small-sample floor no longer hides the fit:
+
+    step                    macro AUC  ECE macro  pooled  NLL    unc AUROC pooled/macro (entropy | std)
+    shipped (T = 1, b = 0)  0.785      0.060      0.036   0.363  0.784/0.735 | 0.735/0.700
+    temperature only        0.785      0.053      0.033   0.359  -
+    Platt scaling (MAP)     0.785      0.040      0.021   0.352  0.779/0.730 | 0.677/0.709
 """
 
 from __future__ import annotations

@@ -95,3 +95,19 @@ def lung_nodule_adapter(path: Path, model: str, sha256: str, shots: int = 2) -> 
     latents = torch.nn.functional.normalize(torch.randn(1, 2, 32, generator=torch.Generator().manual_seed(3)), dim=-1)
     return save_adapter(Adapter(model=model, model_sha256=sha256, family="medalign", method="vip+kmat", shots=shots,
                                 findings=["Lung nodule"], tensors={"class_latents": latents}, registered=True), path)
+
+
+def assert_adapted_scores(shown, volume: Volume, model: str, findings: list[str], adapter: Path,
+                          tol: float = 1e-4) -> None:
+    """``shown`` (a ScreeningResult) carries ``adapter``'s scores: equal to the engine's
+    screening with it, and its Lung nodule differs from the model's own zero-shot one."""
+    import pytest
+
+    from medalign.inference.screener import Screener
+
+    adapted = Screener(model=model, findings=findings, device="cpu", adapter=adapter)(volume, with_maps=False)
+    plain = Screener(model=model, findings=findings, device="cpu")(volume, with_maps=False)
+    for name in findings:
+        assert shown.finding(name).probability == pytest.approx(adapted.finding(name).probability, abs=tol)
+    assert shown.finding("Lung nodule").probability != pytest.approx(plain.finding("Lung nodule").probability, abs=1e-3)
+

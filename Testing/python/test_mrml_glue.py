@@ -424,10 +424,9 @@ def test_real_chest_ct_screens_without_touching_the_input(real_ct, tiny):
 def test_console_screen_takes_an_adapter_and_refuses_another_models_in_one_sentence(tiny_model, tmp_path):
     """``logic.screen(node, adapter=FILE)`` from the Python console: the adapter's scores
     reach the table, which records the file; another model's adapter leaves the scene as it was."""
-    from helpers import assert_one_sentence, lung_nodule_adapter
+    from helpers import assert_adapted_scores, assert_one_sentence, lung_nodule_adapter
 
     from medalign.core.errors import CheckpointError
-    from medalign.inference.screener import Screener
     from medalign.models import registry
 
     app = new_app()
@@ -435,12 +434,7 @@ def test_console_screen_takes_an_adapter_and_refuses_another_models_in_one_sente
     logic = ScreeningLogic(app.scene)
     own = lung_nodule_adapter(tmp_path / "site.safetensors", tiny_model, registry.get(tiny_model).sha256)
     result = logic.screen(node, findings=FINDINGS, model=tiny_model, device="cpu", adapter=str(own))
-    volume = volume_from_node(node)
-    adapted = Screener(model=tiny_model, findings=FINDINGS, device="cpu", adapter=own)(volume, with_maps=False)
-    plain = Screener(model=tiny_model, findings=FINDINGS, device="cpu")(volume, with_maps=False)
-    for name in FINDINGS:
-        assert result.finding(name).probability == pytest.approx(adapted.finding(name).probability, abs=1e-5)
-    assert result.finding("Lung nodule").probability != pytest.approx(plain.finding("Lung nodule").probability, abs=1e-3)
+    assert_adapted_scores(result, volume_from_node(node), tiny_model, FINDINGS, own, tol=1e-5)
     assert json.loads(logic.last_table.GetAttribute(glue.PARAMETERS_JSON))["adapter"] == str(own)
 
     foreign = lung_nodule_adapter(tmp_path / "ctclip.safetensors", "ct-clip", "ab" * 32)

@@ -27,6 +27,8 @@ Eight findings are at 0.98-1.00 already; six sit at chance (arterial and coronar
 calcification, lymphadenopathy, lung nodule, fibrotic sequela, bronchiectasis: 0.48-0.60)
 and the all-pool ceiling does not lift them either: the frozen features of the shifted
 scans do not carry them, so +0.05 is out of reach for any prompt-space adapter here.
+The contrast-phase shift (``--shift venous``, same sizes) says the same: zero-shot 0.7894,
+ceiling 0.8007 (+0.011), K=1 0.7852, K=4 0.7838, K=16 0.7924 (+0.003, worst finding -0.014).
 
 The same code path on a published family (``--model merlin-random``: a small Merlin with
 deterministic random weights, same phantoms): zero-shot 0.494, ceiling 0.498, K=1 0.485,

@@ -94,8 +94,8 @@ def aucs(model, feats, classes: torch.Tensor, labels: torch.Tensor) -> np.ndarra
 
 def ceiling(model, feats, labels, anchors: torch.Tensor, steps: int = 200) -> torch.Tensor:
     """Unconstrained class embeddings fitted on EVERY pool case (same score and loss as the
-    adapter, no anchor, no descriptors): the most a prompt-space adapter could learn from
-    this pool. If it does not beat zero-shot on the test set, no K-shot adapter will."""
+    adapter, no anchor, no descriptors): an estimate of the most an adapter that only moves
+    the class embeddings can learn from this pool."""
     import torch.nn.functional as F
 
     from medalign.training.prompt_adapter import pair_logits
@@ -161,8 +161,8 @@ def main() -> int:
     pool_dir = phantoms(args.work / f"pool{args.pool}-{args.shift}", args.pool, 904, args.shift)
     test_dir = phantoms(args.work / f"test{args.test}-{args.shift}", args.test, 903, args.shift)
     t_data = time.perf_counter() - t0
-    model = random_merlin(args.work) if args.model == "merlin-random" else args.model
-    screener = Screener(model=model, findings=CT_RATE_FINDINGS, device="cpu")
+    choice = random_merlin(args.work) if args.model == "merlin-random" else args.model
+    screener = Screener(model=choice, findings=CT_RATE_FINDINGS, device="cpu")
     model = screener.model
     pool_feats, pool_tokens, pool_labels = encode(screener, pool_dir)
     test_feats, _, test_labels = encode(screener, test_dir)
